@@ -312,3 +312,12 @@ def test_real_270m_kv_cache_across_window(real_model, english_ids):
         cached, _ = real_model.forward_cached(rest, cache)
         full = real_model(english_ids[:, :640])[0]
     torch.testing.assert_close(cached, full[:, 600:], atol=1e-4, rtol=0)
+
+
+def test_dequantized_cache_equals_model(real_model, gguf_path):
+    from model import read_gguf_cached
+    read_gguf_cached(gguf_path)  # writes the cache entry if the session fixture did not
+    config, state_dict = read_gguf_cached(gguf_path)
+    assert config == real_model.config
+    for name, tensor in real_model.state_dict().items():
+        assert torch.equal(state_dict[name], tensor), name
