@@ -6,7 +6,7 @@ Prepare a text corpus as token shards, and serve training and evaluation windows
     python data.py --dataset=path/to/folder          # .txt / .jsonl / .parquet documents
     python data.py --help                            # every setting with its default
 
-A prepared folder holds `{split}_{n:04d}.bin` shards of raw little-endian token ids (uint32 when the
+A prepared folder contains `{split}_{n:04d}.bin` shards of raw little-endian token ids (uint32 when the
 vocabulary exceeds 65,536 ids, as Gemma's 262,144 does), the tokenizer's `tokenizer.model`, and
 `index.pkl` with one record per document. Documents are stored without BOS. Every window that
 the Loader serves starts with exactly one BOS and never spans two documents.
@@ -138,7 +138,8 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts, num_threads=0):
-        return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        """Encode many texts on `num_threads` threads (0 = every core this process may run on)."""
+        return self.sp.encode(list(texts), num_threads=num_threads or len(os.sched_getaffinity(0)))
 
     def decode(self, ids):
         """Return the text of token ids (a list or an integer array).
@@ -259,7 +260,12 @@ def assign_splits(works, val_fraction, test_fraction):
     n_test = max(1, round(test_fraction * len(works)))
     splits = {}
     for i, work in enumerate(works):
-        splits[work] = 'val' if i < n_val else 'test' if i < n_val + n_test else 'train'
+        if i < n_val:
+            splits[work] = 'val'
+        elif i < n_val + n_test:
+            splits[work] = 'test'
+        else:
+            splits[work] = 'train'
     return splits
 
 
@@ -774,9 +780,11 @@ def folder_name(source, tok, settings):
 # -----------------------------------------------------------------------------
 # a prepared folder
 
-# Hashing runs at ~1.7 GB/s (sha256, measured on a 2-core AMD EPYC VM), so verifying a PG-19 folder
-# (~8 GB) takes seconds. Each shard is hashed the first time a process opens it and only its size is
-# checked after that. Shards are keyed by path, size and mtime, so a rewritten shard is hashed again.
+# sha256 ran at ~1.7 GB/s on in-memory data (2-core AMD EPYC VM), so verifying a PG-19 folder
+# (~13 GB of uint32 ids, estimated at 3.4 characters per token) takes seconds. Each shard is
+# therefore hashed the first time a process opens it, and only its size is checked after that.
+# Shards are keyed by path, size and mtime, so a rewritten shard is hashed again.
+# DataFolder(verify=False) checks sizes only.
 _verified_shards = set()  # (path, size, mtime_ns, sha256) of shards hashed by this process
 
 
@@ -793,8 +801,8 @@ class DataFolder:
         self.vocab_size = self.index['vocab_size']
         self.bos_id = self.index['bos_id']
         self.eos_id = self.index['tokenizer']['eos_id']
-        # Padding sits after a window's last real token, so causal attention never lets it reach a
-        # scored position; any valid id works when the tokenizer has no pad piece.
+        # Padding comes after a window's last real token, so causal attention never lets it reach a
+        # scored position. Any valid id works when the tokenizer has no pad piece.
         self.pad_id = max(self.index['tokenizer']['pad_id'], 0)
         self.check_shards(verify)
         self.splits = {split: [r for r in self.index['documents'] if r['split'] == split] for split in SPLITS}
@@ -842,9 +850,9 @@ class DataFolder:
         return self.index['tokens'][split]
 
     def memmap(self, shard):
-        # A fresh np.memmap per read: a long-lived memmap keeps every page it touched counted in the
-        # process's resident memory (nanoGPT recreates it per batch for the same reason,
-        # https://stackoverflow.com/q/45132940).
+        # A fresh np.memmap per read, because the resident memory of a long-lived memmap grows with
+        # every page it touches (https://stackoverflow.com/q/45132940). nanoGPT recreates its memmap
+        # per batch for the same reason.
         return np.memmap(self.path / shard, dtype=self.dtype, mode='r')
 
     def document(self, split, i):
@@ -1091,7 +1099,7 @@ class Loader:
     """Windows of `block_size` tokens from one split, each starting with BOS and inside one document.
 
     Training windows (get_batch) are drawn uniformly from all window positions that fit inside a
-    document; a document shorter than block_size gives one window at its start, padded with
+    document. A document shorter than block_size gives one window at its start, padded with
     targets -1. Evaluation windows (eval_batches) score every token of the split exactly once.
     """
 
@@ -1117,8 +1125,8 @@ class Loader:
         """Return this rank's training Batch for (step, micro_step); the same arguments give the same windows.
 
         All ranks draw the same global batch of batch_size * world_size distinct windows from a
-        generator seeded by (seed, step, micro_step), and each rank takes its own slice, so ranks never
-        share a window and the global batch does not depend on world_size.
+        generator seeded by (seed, step, micro_step). Each rank takes its own slice, so ranks never
+        share a window, and the global batch does not depend on world_size.
         """
         total = self.batch_size * self.world_size
         if total > self.num_windows:

