@@ -713,6 +713,24 @@ def test_wikitext_from_local_parquet(tmp_path):
             assert folder_data.text(split, i) == expected[record["title"]]
 
 
+def test_pg19_from_local_parquet(tmp_path):
+    repo = tmp_path / "pg19"
+    repo.mkdir()
+    for split in ("train", "validation", "test"):
+        books = {"short_book_title": [f"{split} book {i}" for i in range(3)],
+                 "publication_date": [1900 + i for i in range(3)],
+                 "url": [f"http://www.gutenberg.org/ebooks/{split}{i}" for i in range(3)],
+                 "text": [f"Text of {split} book {i}.\n" * (i + 1) for i in range(3)]}
+        pq.write_table(pa.table(books), repo / f"{split}-00000-of-00001.parquet")
+    folder_data = prepare(dataset="pg19", pg19_repo=str(repo), data_dir=tmp_path / "data", verbose=False,
+                          max_docs=2)
+    for split, hub_split in zip(data.SPLITS, ("train", "validation", "test")):
+        records = folder_data.records(split)
+        assert [r["title"] for r in records] == [f"{hub_split} book 0", f"{hub_split} book 1"]
+        assert [r["name"] for r in records] == [f"http://www.gutenberg.org/ebooks/{hub_split}{i}" for i in range(2)]
+        assert folder_data.text(split, 1) == f"Text of {hub_split} book 1.\n" * 2
+
+
 def run_data_cli(*args, env=None):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "data.py", *args], capture_output=True, text=True, cwd=ROOT,
