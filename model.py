@@ -702,3 +702,414 @@ def read_gguf_cached(path):
         if not folder.is_dir():  # else another process finished the same entry first
             print(f"warning: could not cache dequantized weights in {folder} ({e}); the next load reads the .gguf again")
     return config, state_dict
+
+# -----------------------------------------------------------------------------
+# Memory losses
+#
+# An auxiliary loss at an intermediate layer pulls the hidden state H_t toward H_{t-k}, the state
+# k = memory_offset tokens earlier in the same window. H_{t-k} is the target and gets no gradient.
+# Pairs that touch BOS or padding are skipped: the BOS row is 10-15x larger than the others in
+# Gemma 3 and padding is not text.
+#
+# Every loss returns sums over the pairs of one micro-batch, and the training loop divides them by
+# the number of pairs in the whole optimizer step. The statistics the losses keep (running mean and
+# variance, the DINO center, the EMA teacher) change only in end_step(), once per optimizer step.
+# They are computed from sums gathered over the whole step on all ranks. So 4 micro-batches of 1
+# window compute the same gradients and statistics as 1 micro-batch of 4.
+
+import copy
+import re
+import warnings
+
+MEMORY_LOSSES = ("l1", "dino")
+
+
+def memory_positions(idx, bos_id, pad_id):
+    """Return a bool (B, T) mask of the positions whose hidden state may enter a memory pair.
+
+    Excluded: position 0 and any BOS (the BOS row dwarfs the rest), and padding (the loader fills x
+    after the end of a short document with pad_id). Real text never encodes to BOS or pad ids."""
+    usable = (idx != bos_id) & (idx != pad_id)
+    usable[:, 0] = False
+    return usable
+
+
+def memory_pair_mask(usable, offset):
+    """Return the bool (B, T - offset) mask of usable pairs; entry j stands for the pair (j + offset, j)."""
+    return usable[:, offset:] & usable[:, :-offset]
+
+
+def memory_pairs(hidden, usable, offset):
+    """Return (student H_t, teacher H_{t-k}, pair mask) for every usable pair (t, t - offset).
+
+    hidden (B, T, C); usable (B, T). student and teacher are (N, C) with one row per pair; the
+    teacher rows are detached, so no gradient reaches H_{t-k}."""
+    pair_mask = memory_pair_mask(usable, offset)
+    student = hidden[:, offset:][pair_mask]
+    teacher = hidden[:, :-offset][pair_mask].detach()
+    return student, teacher, pair_mask
+
+
+class RunningStandardizer(nn.Module):
+    """Per-channel standardization n(h) = (h - mean) / sqrt(var + eps) with running statistics.
+
+    A few of Gemma 3's 640 channels reach ~1e5 and carry most of the squared norm, so an
+    unnormalized distance would fit those channels alone. The statistics are buffers (checkpointed)
+    updated in end_step() from the whole optimizer step's hidden states, so n() is constant within a
+    step and carries gradient to h only. Sums are kept in float64 around the current running mean,
+    which keeps the variance accurate for channels whose mean is far larger than their spread."""
+
+    def __init__(self, dim, momentum=0.99, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("step_sums", torch.zeros(2 * dim + 1, dtype=torch.float64), persistent=False)
+
+    def forward(self, h):
+        return (h.float() - self.mean) * torch.rsqrt(self.var + self.eps)
+
+    def accumulate(self, h):
+        """Add the rows of h (N, C) to this step's statistics."""
+        dim = self.mean.numel()
+        centered = h.detach().double() - self.mean.double()
+        self.step_sums[:dim] += centered.sum(0)
+        self.step_sums[dim:2 * dim] += centered.square().sum(0)
+        self.step_sums[-1] += centered.shape[0]
+
+    def end_step(self, all_reduce):
+        """Fold this step's statistics (summed over ranks by all_reduce) into the running ones."""
+        all_reduce(self.step_sums)
+        dim, count = self.mean.numel(), self.step_sums[-1].item()
+        if count > 0:
+            shift = self.step_sums[:dim] / count                      # batch mean minus running mean
+            batch_mean = self.mean.double() + shift
+            batch_var = (self.step_sums[dim:2 * dim] / count - shift.square()).clamp(min=0)
+            m = self.momentum if bool(self.initialized) else 0.0     # the first step sets the statistics
+            self.mean.copy_(m * self.mean.double() + (1 - m) * batch_mean)
+            self.var.copy_(m * self.var.double() + (1 - m) * batch_var)
+            self.initialized.fill_(True)
+        self.step_sums.zero_()
+
+
+class L1MemoryLoss(nn.Module):
+    """Sum over pairs of mean_c |n(H_t) - n(H_{t-k})|, with the unnormalized value alongside."""
+
+    def forward(self, student, teacher, norm):
+        diff = norm(student) - norm(teacher) if norm is not None else student.float() - teacher.float()
+        raw = (student.detach().float() - teacher.float()).abs().mean(-1).sum()
+        return {"loss": diff.abs().mean(-1).sum(), "raw": raw}
+
+    def end_step(self, all_reduce):
+        return {}
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalized bottleneck -> cosine scores against weight-normalized prototypes.
+
+    As in DINO (Caron et al. 2021, arXiv:2104.14294): the last layer's weight norm is fixed at 1, so a
+    score is a cosine in [-1, 1] and logits / 0.04 stay below 25 in magnitude."""
+
+    def __init__(self, in_dim, hidden_dim=2048, bottleneck_dim=256, num_prototypes=4096):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck_dim))
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.trunc_normal_(p, std=0.02)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, x):
+        z = F.normalize(self.mlp(x).float(), dim=-1)
+        return F.linear(z, F.normalize(self.prototypes.float(), dim=-1))  # (N, num_prototypes)
+
+
+def dino_cross_entropy(student_scores, teacher_scores, center, student_temp, teacher_temp):
+    """Return per-pair (cross-entropy, teacher entropy, student entropy) of the DINO objective.
+
+    Student log_softmax(s / student_temp) against the teacher's softmax((t - center) / teacher_temp),
+    all in float32 through log_softmax, so a probability that underflows to 0 adds 0 and never NaN."""
+    log_student = F.log_softmax(student_scores.float() / student_temp, dim=-1)
+    log_teacher = F.log_softmax((teacher_scores.float() - center) / teacher_temp, dim=-1)
+    teacher_probs = log_teacher.exp()
+    cross_entropy = -(teacher_probs * log_student).sum(-1)
+    teacher_entropy = -(teacher_probs * log_teacher).sum(-1)
+    student_entropy = -(log_student.exp() * log_student).sum(-1)
+    return cross_entropy, teacher_entropy, student_entropy
+
+
+class DINOMemoryLoss(nn.Module):
+    """DINO's self-distillation between positions: the student's input is H_t, the teacher's H_{t-k}.
+
+    teacher='ema': the teacher head is an EMA copy of the head with its own storage, updated after
+    each optimizer step. teacher='shared': the head itself, run without gradient. The center is an
+    EMA of the teacher's scores over each whole step, which keeps one prototype from taking over."""
+
+    def __init__(self, dim, hidden_dim=2048, bottleneck_dim=256, num_prototypes=4096, teacher="ema",
+                 student_temp=0.1, teacher_momentum=0.996, center_momentum=0.9):
+        super().__init__()
+        if teacher not in ("ema", "shared"):
+            raise ValueError(f"DINO teacher {teacher!r} is invalid; use 'ema' or 'shared'")
+        self.teacher, self.student_temp = teacher, student_temp
+        self.teacher_momentum, self.center_momentum = teacher_momentum, center_momentum
+        self.teacher_temp = 0.04  # set by the training loop each step from its warmup schedule
+        self.head = DINOHead(dim, hidden_dim, bottleneck_dim, num_prototypes)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False) if teacher == "ema" else None
+        self.register_buffer("center", torch.zeros(num_prototypes))
+        # sum of teacher scores, pair count, then the sums of cross-entropy, teacher and student entropy
+        self.register_buffer("step_sums", torch.zeros(num_prototypes + 4, dtype=torch.float64), persistent=False)
+        self.register_buffer("prototype_counts", torch.zeros(num_prototypes), persistent=False)
+
+    def forward(self, student, teacher, norm):
+        if norm is not None:
+            student, teacher = norm(student), norm(teacher)
+        student_scores = self.head(student)
+        with torch.no_grad():
+            teacher_scores = (self.teacher_head or self.head)(teacher)
+        cross_entropy, teacher_entropy, student_entropy = dino_cross_entropy(
+            student_scores, teacher_scores, self.center, self.student_temp, self.teacher_temp)
+        if self.training:
+            self.accumulate(teacher_scores, cross_entropy, teacher_entropy, student_entropy)
+        return {"loss": cross_entropy.sum()}
+
+    @torch.no_grad()
+    def accumulate(self, teacher_scores, cross_entropy, teacher_entropy, student_entropy):
+        K = self.center.numel()
+        self.step_sums[:K] += teacher_scores.double().sum(0)
+        self.step_sums[K] += teacher_scores.shape[0]
+        self.step_sums[K + 1] += cross_entropy.double().sum()
+        self.step_sums[K + 2] += teacher_entropy.double().sum()
+        self.step_sums[K + 3] += student_entropy.double().sum()
+        winners = (teacher_scores - self.center).argmax(-1)
+        self.prototype_counts += torch.bincount(winners, minlength=K).to(self.prototype_counts.dtype)
+
+    @torch.no_grad()
+    def end_step(self, all_reduce):
+        """Update the center from this step's teacher scores on all ranks; return the step's diagnostics."""
+        all_reduce(self.step_sums)
+        all_reduce(self.prototype_counts)
+        K = self.center.numel()
+        count = self.step_sums[K].item()
+        metrics = {}
+        if count > 0:
+            batch_center = self.step_sums[:K] / count
+            self.center.copy_(self.center_momentum * self.center.double() + (1 - self.center_momentum) * batch_center)
+            cross_entropy, teacher_entropy, student_entropy = (self.step_sums[K + 1:K + 4] / count).tolist()
+            metrics = {"teacher_entropy": teacher_entropy, "student_entropy": student_entropy,
+                       "kl": cross_entropy - teacher_entropy,
+                       "prototypes_used": int((self.prototype_counts > 0).sum())}
+        self.step_sums.zero_()
+        self.prototype_counts.zero_()
+        return metrics
+
+    @torch.no_grad()
+    def update_teacher(self):
+        """Move the EMA teacher toward the head; call after each optimizer step."""
+        if self.teacher_head is None:
+            return
+        for t, s in zip(self.teacher_head.parameters(), self.head.parameters()):
+            t.lerp_(s.detach(), 1.0 - self.teacher_momentum)
+
+
+class MemoryLoss(nn.Module):
+    """The memory losses of a run: one loss (and its own statistics) per memory layer.
+
+    forward() takes the model's hidden states {layer: (B, T, C)} and the usable positions (B, T) and
+    returns {layer: {'loss': sum over pairs, ...}}. The training loop scales
+    each layer's sum by its weight and divides by the pairs of the whole optimizer step."""
+
+    def __init__(self, kind, layers, hidden_size, offset, weights=None, norm="running", norm_momentum=0.99,
+                 dino=None):
+        super().__init__()
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        weights = [1.0] * len(layers) if weights is None else list(weights)
+        if kind not in MEMORY_LOSSES:
+            raise ValueError(f"memory_loss={kind!r} is invalid; use one of {MEMORY_LOSSES} or turn it off")
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"memory_layer={layers} is invalid: give one layer or a list of distinct layers")
+        if len(weights) != len(layers):
+            raise ValueError(f"memory_layer_weights={weights} has {len(weights)} entries for {len(layers)} memory "
+                             f"layers {layers}; give one weight per layer")
+        if norm not in ("running", None):
+            raise ValueError(f"memory_norm={norm!r} is invalid; use 'running' or turn it off")
+        self.kind, self.layers, self.weights, self.offset = kind, layers, weights, offset
+        self.hidden_size, self.norm_kind, self.norm_momentum = hidden_size, norm, norm_momentum
+        self.dino_settings = dict(dino or {})
+        self.losses = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
+        for layer in layers:
+            if kind == "l1":
+                self.losses[str(layer)] = L1MemoryLoss()
+            else:
+                self.losses[str(layer)] = DINOMemoryLoss(hidden_size, **self.dino_settings)
+            if norm == "running":
+                self.norms[str(layer)] = RunningStandardizer(hidden_size, norm_momentum)
+
+    def settings(self):
+        """Return the constructor arguments as plain types (stored in checkpoints)."""
+        return {"kind": self.kind, "layers": list(self.layers), "hidden_size": self.hidden_size,
+                "offset": self.offset, "weights": list(self.weights), "norm": self.norm_kind,
+                "norm_momentum": self.norm_momentum, "dino": dict(self.dino_settings)}
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(**settings)
+
+    @property
+    def needs_calibration(self):
+        """True while a running standardizer has no statistics yet (before the first step)."""
+        return any(not bool(n.initialized) for n in self.norms.values())
+
+    def calibrate(self, hidden, usable):
+        """Add hidden states to the statistics without computing a loss (the pass before step 0)."""
+        for layer in self.layers:
+            if str(layer) in self.norms:
+                self.norms[str(layer)].accumulate(hidden[layer][usable])
+
+    def end_calibration(self, all_reduce):
+        """Set the running statistics from the calibration pass (summed over ranks by all_reduce)."""
+        for norm in self.norms.values():
+            norm.end_step(all_reduce)
+
+    def set_teacher_temp(self, temp):
+        for loss in self.losses.values():
+            if isinstance(loss, DINOMemoryLoss):
+                loss.teacher_temp = temp
+
+    def forward(self, hidden, usable):
+        out = {}
+        for layer in self.layers:
+            h = hidden[layer]
+            student, teacher, pair_mask = memory_pairs(h, usable, self.offset)
+            norm = self.norms[str(layer)] if str(layer) in self.norms else None
+            if norm is not None and self.training:
+                norm.accumulate(h[usable])
+            out[layer] = self.losses[str(layer)](student, teacher, norm)
+        return out
+
+    @torch.no_grad()
+    def end_step(self, all_reduce):
+        """Update statistics and EMA teachers after an optimizer step; return {layer: diagnostics}."""
+        metrics = {}
+        for layer in self.layers:
+            if str(layer) in self.norms:
+                self.norms[str(layer)].end_step(all_reduce)
+            loss = self.losses[str(layer)]
+            metrics[layer] = loss.end_step(all_reduce)
+            if isinstance(loss, DINOMemoryLoss):
+                loss.update_teacher()
+        return metrics
+
+# -----------------------------------------------------------------------------
+# Checkpoints: ckpt_{iter:06d}.pt files written by train.py, read by the evaluation scripts
+
+CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+CHECKPOINT_KEYS = ("model", "model_config", "config", "iter")  # present in every checkpoint train.py writes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or lacks required entries."""
+
+
+def checkpoint_path(out_dir, iter_num):
+    return Path(out_dir) / f"ckpt_{iter_num:06d}.pt"
+
+
+def list_checkpoints(out_dir):
+    """Return the ckpt_*.pt paths in out_dir, oldest iteration first."""
+    found = []
+    for path in Path(out_dir).glob("ckpt_*.pt"):
+        match = CHECKPOINT_NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(ckpt, out_dir, iter_num, keep_last=3):
+    """Write ckpt to out_dir/ckpt_{iter_num:06d}.pt atomically, then delete all but the newest keep_last.
+
+    The file is written under a temporary name, flushed and fsynced, then renamed, so a crash or an
+    error mid-write leaves every earlier checkpoint as it was. Older checkpoints are deleted only
+    after the new one is complete. Returns the path written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(out_dir, iter_num)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out_dir)
+    older = [p for p in list_checkpoints(out_dir) if p != path and checkpoint_iter(p) < iter_num]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def fsync_dir(folder):
+    """Make a rename in folder durable (a no-op where directories cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_iter(path):
+    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load one checkpoint with weights_only=True; raise CheckpointError if it is unreadable or incomplete."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors ... on a damaged file
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint: missing {missing}")
+    return ckpt
+
+
+def newest_checkpoint(path_or_dir, map_location="cpu"):
+    """Return (path, ckpt) for a checkpoint file, or for the newest readable ckpt_*.pt in a folder.
+
+    In a folder, a checkpoint that cannot be read is skipped with a warning and the next older one
+    is tried. Raises FileNotFoundError when the folder has no readable checkpoint."""
+    path = Path(path_or_dir)
+    if path.is_file():
+        return path, read_checkpoint(path, map_location)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}; pass a ckpt_*.pt file or the out_dir of a training run")
+    candidates = list_checkpoints(path)
+    for candidate in reversed(candidates):
+        try:
+            return candidate, read_checkpoint(candidate, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    raise FileNotFoundError(f"no readable ckpt_*.pt in {path} ({len(candidates)} found); "
+                            f"train with out_dir={str(path)!r} first or pass a checkpoint file")
+
+
+def load_checkpoint(path_or_dir, dtype=torch.float32, map_location="cpu"):
+    """Load a trained Gemma from a checkpoint file or the newest readable one in a folder.
+
+    Returns (model, ckpt): the model in `dtype` (train mode, as from_pretrained returns it) and the
+    whole checkpoint dict (config, iter, memory-loss state, optimizer, ...)."""
+    check_dtype(dtype)
+    _, ckpt = newest_checkpoint(path_or_dir, map_location)
+    with torch.device("meta"):
+        model = Gemma(GemmaConfig.from_dict(ckpt["model_config"]))
+    model.load_weights(ckpt["model"])
+    return model.to(dtype), ckpt
