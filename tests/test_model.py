@@ -277,11 +277,12 @@ def reference_270m(gguf_path):
 @pytest.fixture(scope="session")
 def english_ids(reference_270m):
     """799 tokens of a real Gutenberg play (As You Like It), with BOS in front: longer than the window."""
-    from data import gutenberg_texts
-    text = next(t for title, t in gutenberg_texts() if "like" in title.lower())
+    import data
+    folder = data.prepare(verbose=False)
+    i = next(i for i, r in enumerate(folder.records("val")) if r["title"] == "As You Like It")
     tokenizer = reference_270m[0]
-    ids = tokenizer(text[:8000], add_special_tokens=False, split_special_tokens=True).input_ids[:799]
-    return torch.tensor([[2] + ids])
+    ids = tokenizer(folder.text("val", i)[:8000], add_special_tokens=False, split_special_tokens=True).input_ids
+    return torch.tensor([[2] + ids[:799]])
 
 
 def test_real_270m_matches_transformers_gguf(real_model, reference_270m, english_ids):
