@@ -749,7 +749,7 @@ def replicas_identical(modules):
     same = True
     for module in modules:
         for tensor in list(module.parameters()) + list(module.buffers()):
-            high = tensor.detach().double()
+            high = tensor.detach().to(torch.float64, copy=True)  # a copy: all_reduce works in place
             low = high.clone()
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
             dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -48,6 +48,31 @@ def small_data(tmp_path_factory):
     return [f"--tokenizer={root / 'tokenizer'}", f"--data_dir={root / 'data'}"]
 
 
+@pytest.fixture(scope='session')
+def ragged_data(small_data, tmp_path_factory):
+    """--dataset=FOLDER of Gutenberg passages of 40-170 characters, so most 64-token windows are padded.
+
+    Windows then carry different numbers of scored tokens and memory pairs, which is what tells a
+    token-weighted average over micro-batches and ranks from a mean of per-micro-batch means."""
+    import json
+
+    import data
+    words = data.prepare(verbose=False).text('train', 0).split(' ')
+    lengths = [60, 150, 90, 170, 120, 40, 130, 80, 160, 100, 50, 140]  # characters, cycled
+    root = tmp_path_factory.mktemp('ragged')
+    docs, i = [], 0
+    for n in range(60):
+        doc = []
+        while len(' '.join(doc)) < lengths[n % len(lengths)]:
+            doc.append(words[i])
+            i += 1
+        docs.append(' '.join(doc))
+    for split, part in (('train', docs[:40]), ('val', docs[40:50]), ('test', docs[50:])):
+        lines = [json.dumps({'text': doc, 'title': f'{split} passage {k}'}) for k, doc in enumerate(part)]
+        (root / f'{split}.jsonl').write_text('\n'.join(lines) + '\n')
+    return [f'--dataset={root}']
+
+
 def run_train(args, small_data, out_dir, nproc=0, env=None, expect_rc=0, config='config/tiny.py'):
     """Run train.py (under torchrun when nproc > 0) and return the CompletedProcess."""
     launcher = [sys.executable]
@@ -368,12 +393,13 @@ def test_resume_is_bit_identical(full_run, small_data, tmp_path):
 
 
 @pytest.mark.parametrize('memory_loss', ['l1', 'dino'])
-def test_accumulation_matches_one_batch(memory_loss, small_data, tmp_path):
+def test_accumulation_matches_one_batch(memory_loss, small_data, ragged_data, tmp_path):
     """4 micro-batches of 1 window give the gradient, statistics and logged losses of 1 micro-batch of 4."""
     common = [f'--memory_loss={memory_loss}', '--max_iters=1', '--grad_clip=0', '--ckpt_interval=1',
-              '--eval_interval=100', '--memory_layer_weights=[1.0]']
+              '--eval_interval=100', '--memory_layer_weights=[1.0]', '--log_windows'] + ragged_data
     run_train(common + ['--batch_size=4', '--gradient_accumulation_steps=1'], small_data, tmp_path / 'one')
     run_train(common + ['--batch_size=1', '--gradient_accumulation_steps=4'], small_data, tmp_path / 'four')
+    assert_ragged(tmp_path / 'one', small_data)
     a, b = load(tmp_path / 'one' / 'ckpt_000001.pt'), load(tmp_path / 'four' / 'ckpt_000001.pt')
     # after one AdamW step exp_avg = (1 - beta1) * gradient, so it carries the gradient itself. The
     # tolerance is 1e-6 of the tensor's largest entry (at least 1e-6): a DINO bias gradient of ~20
@@ -391,6 +417,20 @@ def test_accumulation_matches_one_batch(memory_loss, small_data, tmp_path):
         assert log_a[0]['mem_raw'] == pytest.approx(log_b[0]['mem_raw'], rel=1e-6)
 
 
+def assert_ragged(out_dir, small_data):
+    """Check that the run's first step mixed windows with different numbers of scored tokens."""
+    import data
+    prepared = data.DataFolder(ckpt_data_folder(out_dir))
+    lengths = [r['length'] for r in prepared.records('train')]
+    windows = read_windows(Path(out_dir) / 'windows_rank0.txt')[0]
+    scored = {min(64, lengths[doc] - start) for doc, start in windows}
+    assert len(scored) > 1, f"every window of step 0 has {scored} scored tokens; the test needs padded windows"
+
+
+def ckpt_data_folder(out_dir):
+    return load(list_checkpoints(out_dir)[-1])['data']['folder']
+
+
 def read_windows(path):
     """Return {iter: set of (doc, start)} from a windows_rank*.txt file."""
     windows = {}
@@ -400,11 +440,13 @@ def read_windows(path):
     return windows
 
 
-def test_torchrun_matches_one_process(small_data, tmp_path):
+def test_torchrun_matches_one_process(small_data, ragged_data, tmp_path):
     common = ['--batch_size=1', '--gradient_accumulation_steps=4', '--max_iters=3', '--ckpt_interval=3',
-              '--eval_interval=3', '--log_windows']
+              '--eval_interval=3', '--log_windows', '--memory_layer=[1, 2]', '--memory_layer_weights=[1.0, 0.5]']
+    common += ragged_data
     ddp = run_train(common, small_data, tmp_path / 'ddp', nproc=NPROC)
     single = run_train(common, small_data, tmp_path / 'single')
+    assert_ragged(tmp_path / 'single', small_data)
     assert 'world size 2' in ddp.stdout
     assert f'replica check: parameters and buffers identical on all {NPROC} ranks' in ddp.stdout
 
@@ -413,8 +455,9 @@ def test_torchrun_matches_one_process(small_data, tmp_path):
     assert_tensors_close(a['memory'], b['memory'], atol=1e-5, where='memory')
     log_a, log_b = read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp')
     for it in range(3):
-        for key in ('loss', 'xent', 'mem'):
+        for key in ('loss', 'xent', 'mem', 'mem_l1', 'mem_l2'):
             assert log_a[it][key] == pytest.approx(log_b[it][key], abs=1e-5), (it, key)
+        assert log_b[it]['mem'] == pytest.approx(log_b[it]['mem_l1'] + 0.5 * log_b[it]['mem_l2'], rel=1e-6)
     assert log_a[3]['val_xent'] == pytest.approx(log_b[3]['val_xent'], abs=1e-5)
 
     rank0 = read_windows(tmp_path / 'ddp' / 'windows_rank0.txt')
