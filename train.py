@@ -442,8 +442,12 @@ def start_wandb(config, run_id):
     """Start a wandb run, or continue the run `run_id` of a resumed checkpoint."""
     import wandb
     name = config['wandb_run_name'] or Path(config['out_dir']).resolve().name
-    return wandb.init(project=config['wandb_project'], name=name, id=run_id, config=config, dir=config['out_dir'],
-                      resume='allow' if run_id else None)
+    try:
+        return wandb.init(project=config['wandb_project'], name=name, id=run_id, config=config,
+                          dir=config['out_dir'], resume='allow' if run_id else None)
+    except Exception as e:  # wandb raises its own error types for a missing login or an unreachable server
+        raise ConfigError(f"wandb.init failed ({type(e).__name__}: {e}); run `wandb login`, set "
+                          f"WANDB_MODE=offline, or pass --no_wandb_log") from None
 
 
 def rng_state():

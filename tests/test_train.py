@@ -534,7 +534,6 @@ def test_gpu_configs_run_tiny(config, small_data, tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--dtype=float16'], 'float16'),
-    (['--memory_offset=64'], 'memory_offset=64'),
     (['--memory_layers=2'], 'unknown setting --memory_layers'),
 ])
 def test_cli_errors_are_one_line(args, message, small_data, tmp_path):
