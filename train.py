@@ -101,8 +101,7 @@ dino_teacher_temp_warmup_iters = 500  # ... over this many iterations
 optimizer = 'adamw'            # adamw | adafactor (torch.optim.Adafactor: lr is the maximum relative step size)
 learning_rate = 3e-5           # peak LR of the model's weights
 head_learning_rate = 1e-3      # peak LR of the memory heads: new random weights need larger steps
-train_embeddings = True        # False freezes the tied embedding / LM head (168M of the 270M's weights): no
-                               # gradient for it, no optimizer state, ~1/3 less compute per step on CPU
+train_embeddings = True        # False freezes the tied embedding / LM head (168M of the 270M): no gradient, no optimizer state
 max_iters = 2000               # optimizer steps in total
 weight_decay = 0.1             # decoupled weight decay of matrices (norm weights and biases get none)
 beta1 = 0.9                    # AdamW beta1
