@@ -1058,7 +1058,7 @@ def prepare(dataset=dataset, tokenizer=tokenizer, data_dir=data_dir, max_docs=ma
     source = open_source(dataset, settings)
     content = {'max_docs': max_docs, 'min_doc_tokens': min_doc_tokens, 'shard_tokens': shard_tokens,
                **source.settings}  # only what changes the stored tokens
-    data_dir = Path(data_dir).expanduser()
+    data_dir = Path(data_dir).expanduser() if data_dir else CACHE_DIR / 'data'  # '' or None: the default
     final = data_dir / folder_name(source, tok, content)
 
     if (final / 'index.pkl').is_file():

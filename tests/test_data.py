@@ -894,3 +894,11 @@ def test_cli_help_lists_settings():
     assert result.returncode == 0
     for option in ("--dataset='gutenberg'", "--max_docs=None", "--encoding_errors='strict'", "--pg19_repo"):
         assert option in result.stdout
+
+
+def test_empty_data_dir_means_default(tmp_path, monkeypatch):
+    import data
+    monkeypatch.chdir(tmp_path)
+    folder = data.prepare(data_dir="", verbose=False)
+    assert folder.path.parent == data.CACHE_DIR / "data"
+    assert list(tmp_path.iterdir()) == []
