@@ -3,7 +3,7 @@
 PY     := .venv/bin/python
 STAMP  := .venv/.installed
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): requirements.txt
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The whole job on the real 270M and Gutenberg text, CPU only (see demo.py); writes out/demo/.
+demo: setup
+	$(PY) demo.py
+
+bench: setup
+	$(PY) bench.py
 
 clean:
 	rm -rf out .pytest_cache

