@@ -111,26 +111,25 @@ def hf_tokenizer(gguf_path):
     return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
-def hflm_results(model, hf_tokenizer, task_dir, **kwargs):
-    """lm-eval's HFLM over transformers' Gemma 3 with the same weights, on the local tasks."""
-    from lm_eval import simple_evaluate
+@pytest.fixture(scope='module')
+def real_hflm(real_model, hf_tokenizer):
+    """lm-eval's HFLM over transformers' Gemma 3 holding the real 270M's weights."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    hflm = HFLM(pretrained=transformers_copy(model), tokenizer=hf_tokenizer, batch_size=8)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    return simple_evaluate(model=hflm, tasks=TASKS, task_manager=manager, num_fewshot=0, log_samples=True,
-                           **kwargs), hflm
+    return HFLM(pretrained=transformers_copy(real_model), tokenizer=hf_tokenizer, batch_size=8)
 
 # -----------------------------------------------------------------------------
 # the real 270M
 
 
-def test_real_270m_equals_hflm(real_model, tokenizer, hf_tokenizer, task_dir):
+def test_real_270m_equals_hflm(real_model, tokenizer, real_hflm, task_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
     # the first 4 rows of each task: a numeric-label ARC question and WikiHow-style HellaSwag rows among them
-    ours = run_tasks(GemmaLM(real_model, tokenizer, batch_size=8), TASKS, limit=4, task_dir=str(task_dir),
-                     log_samples=True)
-    reference, hflm = hflm_results(real_model, hf_tokenizer, task_dir, limit=4)
-    lm = GemmaLM(real_model, tokenizer)
+    lm = GemmaLM(real_model, tokenizer, batch_size=8)
+    ours = run_tasks(lm, TASKS, limit=4, task_dir=str(task_dir), log_samples=True)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    reference = simple_evaluate(model=real_hflm, tasks=TASKS, task_manager=manager, num_fewshot=0, limit=4,
+                                log_samples=True)
     for name in TASKS:
         expected = reference['results'][name]
         entry = ours['tasks'][name]
@@ -144,20 +143,18 @@ def test_real_270m_equals_hflm(real_model, tokenizer, hf_tokenizer, task_dir):
             for (m_args, t_args) in zip(mine['arguments'], theirs['arguments'], strict=True):
                 assert m_args == t_args  # the same context and continuation strings
                 context, continuation = m_args
-                assert lm._encode_pair(context, continuation) == hflm._encode_pair(context, continuation)
+                assert lm._encode_pair(context, continuation) == real_hflm._encode_pair(context, continuation)
             for (m_resp,), (t_resp,) in zip(mine['resps'], theirs['resps'], strict=True):
                 assert m_resp[0] == pytest.approx(t_resp[0], rel=1e-4, abs=1e-4)  # summed log-probability
                 assert m_resp[1] == t_resp[1]  # is greedy
 
 
-def test_real_270m_generation_equals_hflm(real_model, tokenizer, hf_tokenizer, task_dir):
-    from lm_eval.models.huggingface import HFLM
-    hflm = HFLM(pretrained=transformers_copy(real_model), tokenizer=hf_tokenizer, batch_size=1)
+def test_real_270m_generation_equals_hflm(real_model, tokenizer, real_hflm):
     requests = [Instance('generate_until', {}, (context, {'until': until, 'max_gen_toks': 12, 'do_sample': False}), 0)
                 for context, until in (("Question: What is the capital of France?\nAnswer:", ['\n']),
                                        ("The three primary colors are", ['.', '\n']))]
     ours = GemmaLM(real_model, tokenizer).generate_until(requests, disable_tqdm=True)
-    theirs = hflm.generate_until(requests, disable_tqdm=True)
+    theirs = [real_hflm.generate_until([r], disable_tqdm=True)[0] for r in requests]  # one at a time: no padding
     assert ours == theirs
     assert all(text.strip() for text in ours)  # real words came out, not an empty string
 

@@ -111,8 +111,9 @@ def test_vocab_mismatch_rejected(tmp_path, tokenizer):
 
 
 def test_real_270m_export_roundtrip(real_model, tokenizer, tmp_path):
-    folder, checks = export_hf(real_model, tokenizer, tmp_path / 'hf')
-    assert checks['max_logit_diff'] <= 1e-4
+    # verify=False: this test makes the same checks itself, on real text and with the real weights
+    folder, checks = export_hf(real_model, tokenizer, tmp_path / 'hf', verify=False)
+    assert checks is None
 
     import data
     gutenberg = data.prepare(dataset='gutenberg', verbose=False)
