@@ -357,16 +357,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk, compute_dtype):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, x, weight, targets, chunk, compute_dtype, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on
+        needs_x_grad, needs_w_grad = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
+        needs_grad = needs_x_grad or needs_w_grad
         ctx.weight_dtype = weight.dtype
         valid_all = targets != IGNORE_INDEX
         n_valid = int(valid_all.sum())
         w = weight.to(compute_dtype)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 logits and sums, fp64 if given fp64
         loss_sum = torch.zeros((), dtype=acc_dtype, device=x.device)
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if ctx.needs_input_grad[1] else None
+        grad_x = torch.zeros_like(x) if needs_x_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if needs_w_grad else None
 
         for start in range(0, x.shape[0], chunk):
             xc, tc, valid = x[start:start + chunk], targets[start:start + chunk], valid_all[start:start + chunk]
@@ -397,14 +399,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         grad_x = grad_x * grad_loss if grad_x is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def chunked_cross_entropy(x, weight, targets, chunk=1024):
     """Mean cross-entropy of the logits x @ weight.T over targets != IGNORE_INDEX; x (N, C), targets (N,)."""
     compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        return ChunkedCrossEntropy.apply(x, weight, targets, chunk, compute_dtype)
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk, compute_dtype, torch.is_grad_enabled())
 
 
 # -----------------------------------------------------------------------------

@@ -322,3 +322,24 @@ def test_dequantized_cache_equals_model(real_model, gguf_path):
     assert config == real_model.config
     for name, tensor in real_model.state_dict().items():
         assert torch.equal(state_dict[name], tensor), name
+
+
+def test_chunked_loss_under_no_grad_builds_no_gradients(monkeypatch):
+    x = torch.randn(20, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (20,))
+    allocated = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        allocated.append(args)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", counting_zeros)
+    with torch.no_grad():
+        loss = chunked_cross_entropy(x, weight, targets, chunk=8)
+    monkeypatch.undo()
+    assert not loss.requires_grad
+    assert all(tuple(a[0]) != (50, 8) for a in allocated if a and isinstance(a[0], torch.Size))  # no weight gradient
+    expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
+    assert abs(loss.item() - expected.item()) < 1e-5
