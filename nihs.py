@@ -6,6 +6,7 @@ Needle in a haystack: does a model recall a fact planted far back in a long text
     python nihs.py --lengths=256,512,1024 --depths=0,50,100 --n=50 --needle=city
     python nihs.py --method=probe --layers=6,12             # linear probe on frozen hidden states
     python nihs.py --compare a/results.json b/results.json  # b against a, with intervals
+    python nihs.py --compare gemma3-270m-gguf out/ --n=20   # evaluate both models first, then compare
 
 A trial is a prompt of at most `length` tokens. It contains BOS, a haystack cut from held-out text at
 sentence boundaries, four needles of one kind planted at sentence boundaries, and a question about
@@ -26,11 +27,14 @@ Method `mc` scores the four values as continuations of the prompt (one forward p
 prompt, its KV cache shared by the four options). Method `probe` fits a logistic regression on
 the hidden state at the last prompt token to name the target among a closed set of C values.
 
-Other scripts use the Python API:
+Other scripts use the Python API (settings not given keep the defaults below):
 
     results = run_nihs(model, tokenizer, {'lengths': [256, 512], 'depths': [0, 50, 100], 'n': 10})
-    save_results(results, 'out/nihs')           # results.json, heatmap.png, distance.png
-    comparison = compare_results(results_a, results_b)  # per cell: accuracies, difference and its interval
+    save_results(results, 'out/nihs')                    # results.json, heatmap.png, distance.png
+    print(format_table(results))
+    comparison = compare_results(results_a, results_b)   # per cell: both accuracies, b - a and its interval
+    print(format_comparison(comparison))
+    evaluate({'ckpt': 'out/', 'n': 10})                  # what the command line runs: load, run, write, print
 """
 
 import json
@@ -41,7 +45,6 @@ import re
 import sys
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import model as model_py
 from configurator import configure, exit_on_error
-from model import GGUF_ALIAS, Gemma, GemmaConfig, check_dtype
+from model import GGUF_ALIAS, Gemma, check_dtype
 
 # -----------------------------------------------------------------------------
 # settings: `python nihs.py --key=value` overrides any of these (see configurator.py)
@@ -525,7 +529,9 @@ def last_token_hidden(model, ids, layers):
 
 
 def fit_probe(features, labels, seed):
-    """Fit a standardized multinomial logistic regression (standardizing tames Gemma's few huge channels)."""
+    """Fit a standardized multinomial logistic regression (standardizing tames Gemma's few huge channels).
+
+    The L2 strength C=0.1 is fixed, not tuned per run, so the probe and its control get the same capacity."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -696,6 +702,10 @@ def compare_results(a, b, metric=None):
 
     The interval is Newcombe's for independent proportions. Runs with the same settings and seed
     share their trials, so the paired discordant counts (hits of only a, only b) are reported too."""
+    for key in ('method', 'needle'):
+        if a[key] != b[key]:
+            raise ValueError(f"cannot compare results of {key} {a[key]!r} with {key} {b[key]!r}; run both with the "
+                             f"same --{key}")
     metric = metric or a['primary_metric']
     b_cells = {(c['length'], c['depth']): c for c in b['cells']}
     rows = []
@@ -712,7 +722,7 @@ def compare_results(a, b, metric=None):
     if not rows:
         raise ValueError(f"the two results share no (length, depth) cell with metric {metric!r}; run both with "
                          f"the same --lengths, --depths and --method")
-    return {'metric': metric, 'a': model_label(a), 'b': model_label(b), 'rows': rows}
+    return {'metric': metric, 'a': model_label(a), 'b': model_label(b), 'chance': a['chance'], 'rows': rows}
 
 
 def paired_counts(a, b, length, depth, metric):
@@ -732,12 +742,15 @@ def model_label(results):
 
 def format_comparison(comparison):
     lines = [f"{comparison['metric']}: a = {comparison['a']}, b = {comparison['b']}",
-             f"{'length':>6} {'depth':>8} {'a':>22} {'b':>22} {'b - a':>24} {'n':>9}"]
+             f"{'length':>6} {'depth':>8} {'a':>22} {'b':>22} {'b - a':>24} {'n a/b':>9} {'only a/b':>9}"]
     for row in comparison['rows']:
         diff = f"{row['diff']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]"
+        counts = f"{row['a']['n']}/{row['b']['n']}"
+        only = f"{row['only_a']}/{row['only_b']}" if 'only_a' in row else '-'
         lines.append(f"{row['length']:>6} {cell_label(row['depth']):>8} {format_proportion(row['a']):>22} "
-                     f"{format_proportion(row['b']):>22} {diff:>24} {row['a']['n']:>4}/{row['b']['n']:<4}")
-    lines.append("b - a: difference of accuracies with its 95% Newcombe (hybrid score) interval")
+                     f"{format_proportion(row['b']):>22} {diff:>24} {counts:>9} {only:>9}")
+    lines.append("b - a: difference of accuracies with its 95% Newcombe (hybrid score) interval; only a/b: trials "
+                 "that only a or only b got right, where both ran the same trials")
     return '\n'.join(lines)
 
 
@@ -830,7 +843,7 @@ def plot_heatmap(results):
         ax.set_title(f"{metric}, chance {results['chance']:.2f}", fontsize=9)
         fig.colorbar(image, ax=ax, label='accuracy')
     fig.suptitle(f"{model_label(results)}: {results['needle']} needles, n = {results['cells'][0]['n']} per cell",
-                 fontsize=10)
+                 fontsize=10, y=1.04)
     return fig
 
 
@@ -881,6 +894,7 @@ def plot_comparison(comparison):
         acc = np.array([r[side]['acc'] for r in rows])
         errors = [acc - [r[side]['low'] for r in rows], [r[side]['high'] for r in rows] - acc]
         top.bar(x + offset, acc, width=0.4, yerr=errors, capsize=2, label=f"{side}: {comparison[side]}")
+    top.axhline(comparison['chance'], color='red', linestyle='--', linewidth=1, label='chance')
     top.set_ylabel(comparison['metric'])
     top.set_ylim(0, 1.05)
     top.legend(fontsize=8)
@@ -897,40 +911,10 @@ def plot_comparison(comparison):
 # -----------------------------------------------------------------------------
 # models, checkpoints and haystack documents
 
-def newest_checkpoint(path):
-    """Return (file, checkpoint dict) for a checkpoint file, or the newest readable ckpt_*.pt in a folder."""
-    try:
-        from model import newest_checkpoint as read_newest  # the training code's own reader, where present
-    except ImportError:
-        read_newest = newest_readable_checkpoint
-    return read_newest(path)
-
-
-def newest_readable_checkpoint(path):
-    # TODO: delete once model.py's newest_checkpoint (written with train.py) is committed.
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}; pass a ckpt_*.pt file or the out_dir of a training run")
-    files = [path] if path.is_file() else sorted(path.glob('ckpt_*.pt'), reverse=True)  # zero-padded iterations
-    for file in files:
-        try:
-            checkpoint = torch.load(file, map_location='cpu', weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors ... on a damaged file
-            warnings.warn(f"skipping checkpoint: {file} could not be read ({type(e).__name__})", stacklevel=2)
-            continue
-        if isinstance(checkpoint, dict) and {'model', 'model_config'} <= checkpoint.keys():
-            return file, checkpoint
-        warnings.warn(f"skipping checkpoint: {file} has no 'model' or 'model_config' entry", stacklevel=2)
-    raise FileNotFoundError(f"no readable checkpoint (ckpt_*.pt) in {path}; train one with train.py, or evaluate "
-                            f"the baseline with --init_from")
-
-
 def load_checkpoint(path):
     """Load the newest readable checkpoint under `path`; return (Gemma in fp32, checkpoint dict + 'path')."""
-    file, checkpoint = newest_checkpoint(path)
-    with torch.device('meta'):
-        model = Gemma(GemmaConfig.from_dict(checkpoint['model_config']))
-    model.load_weights(checkpoint['model'])  # checks every name and shape
+    model, checkpoint = model_py.load_checkpoint(path)
+    file = Path(path) if Path(path).is_file() else model_py.checkpoint_path(path, checkpoint['iter'])
     return model, {**checkpoint, 'path': str(file)}
 
 
@@ -992,7 +976,7 @@ def load_documents(dataset_name, split_name, tokenizer_name, train_config=None):
         raise ValueError(f"split 'train' of {dataset_name} is the checkpoint's training text; use --split=test")
     same_source = train_config.get('dataset', dataset_name) == dataset_name
     keys = [k for k in inspect.signature(data.prepare).parameters if k not in ('dataset', 'tokenizer', 'verbose')]
-    overrides = {k: train_config[k] for k in keys if same_source and k in train_config}
+    overrides = {k: train_config[k] for k in keys if same_source and train_config.get(k) not in (None, '')}
     folder = data.prepare(dataset=dataset_name, tokenizer=tokenizer_name, verbose=False, **overrides)
     records = folder.records(split_name)
     if not records:
@@ -1085,6 +1069,7 @@ def default_out_dir(settings, identity):
 
 def evaluate(settings):
     """Load a model and its haystacks, run the grid, write and print the results; return them."""
+    settings = resolve_settings(settings)
     with exit_on_error(ValueError, FileNotFoundError, RuntimeError):  # bad input: one line, exit status 2
         model, identity, train_config = load_model(settings)
         source = tokenizer_source(settings, train_config)
@@ -1108,20 +1093,22 @@ def evaluate(settings):
 
 def compare_runs(settings):
     """Compare two results (evaluating model sources first) and write compare.json and compare.png."""
+    settings = resolve_settings(settings)
+    out_dir = Path(settings['out'] or Path('out') / 'nihs' / 'compare')
     runs = []
-    for item in settings['compare']:
+    for side, item in zip('ab', settings['compare']):
         path = Path(str(item))
         has_checkpoints = path.is_dir() and any(path.glob('ckpt_*.pt'))
+        run_out = str(out_dir / side) if settings['out'] else ''  # '' = the model's default folder
         if path.suffix == '.json' or (path.is_dir() and (path / 'results.json').is_file() and not has_checkpoints):
             with exit_on_error(ValueError, FileNotFoundError):
                 runs.append(load_results(path))
         elif path.suffix == '.pt' or has_checkpoints:
-            runs.append(evaluate({**settings, 'ckpt': str(path), 'out': ''}))
+            runs.append(evaluate({**settings, 'ckpt': str(path), 'out': run_out}))
         else:  # a weights source: hub id, HF folder, .gguf file or the GGUF alias
-            runs.append(evaluate({**settings, 'ckpt': '', 'init_from': str(item), 'out': ''}))
+            runs.append(evaluate({**settings, 'ckpt': '', 'init_from': str(item), 'out': run_out}))
     with exit_on_error(ValueError):
         comparison = compare_results(*runs)
-    out_dir = Path(settings['out'] or Path('out') / 'nihs' / 'compare')
     write_atomic(out_dir / 'compare.json', json.dumps(comparison, indent=1).encode())
     save_figure(plot_comparison(comparison), out_dir / 'compare.png')
     print(format_comparison(comparison))

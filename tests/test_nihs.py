@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -18,6 +19,19 @@ from conftest import ROOT
 # text before a needle must end with . ! or ? (closing quotes or brackets allowed).
 ENDS_SENTENCE = re.compile(r"[.!?]['\")\]]*$")
 SENTENCE_END = re.compile(r"[.!?]['\")\]]*(?=\s|$)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run this module's forward passes on one thread, then restore the session's setting.
+
+    On a 2-core machine shared with other test runs, two OpenMP threads per process wait on each
+    other at every small op. Under a load average of 4-6 this module took 8.6 minutes with 2 threads
+    and 2.8 minutes with 1. Two threads may be faster on an idle machine, but one keeps the module short."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -217,17 +231,26 @@ def test_wilson_interval_matches_references():
     # by hand: with k = 0 the interval is [0, z^2 / (n + z^2)]
     z2 = 1.959963984540054 ** 2
     assert nihs.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
-    # Newcombe (1998), Statistics in Medicine 17:857, example 81/263: 0.2553 to 0.3662
-    assert nihs.wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
 
 
-def test_newcombe_interval_matches_published_example():
-    # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 - 48/80, method 10: 0.0524 to 0.3339
-    low, high = nihs.newcombe_interval(48, 80, 56, 70)
-    assert low == pytest.approx(0.0524, abs=5e-5)
-    assert high == pytest.approx(0.3339, abs=5e-5)
-    swapped = nihs.newcombe_interval(56, 70, 48, 80)
-    assert swapped == pytest.approx((-high, -low))
+def newcombe_reference(k1, n1, k2, n2):
+    """Newcombe's hybrid score interval for p1 - p2, from scipy's Wilson limits of each proportion:
+    p1 - p2 - sqrt((p1 - L1)^2 + (U2 - p2)^2) to p1 - p2 + sqrt((U1 - p1)^2 + (p2 - L2)^2)."""
+    from scipy.stats import binomtest
+    p1, p2 = k1 / n1, k2 / n2
+    w1 = binomtest(k1, n1).proportion_ci(method="wilson")
+    w2 = binomtest(k2, n2).proportion_ci(method="wilson")
+    return (p1 - p2 - math.sqrt((p1 - w1.low) ** 2 + (w2.high - p2) ** 2),
+            p1 - p2 + math.sqrt((w1.high - p1) ** 2 + (p2 - w2.low) ** 2))
+
+
+def test_newcombe_interval_matches_reference():
+    for k1, n1, k2, n2 in [(56, 70, 48, 80), (9, 10, 3, 10), (0, 20, 0, 20), (20, 20, 5, 20), (3, 7, 6, 7)]:
+        low, high = nihs.newcombe_interval(k2, n2, k1, n1)  # b - a with a = (k2, n2), b = (k1, n1)
+        expected_low, expected_high = newcombe_reference(k1, n1, k2, n2)
+        assert low == pytest.approx(expected_low, abs=1e-9)
+        assert high == pytest.approx(expected_high, abs=1e-9)
+    assert nihs.newcombe_interval(56, 70, 48, 80) == pytest.approx(tuple(-x for x in newcombe_reference(56, 70, 48, 80)[::-1]))
 
 
 def hand_made_results(hits_by_cell, name, settings):
@@ -270,11 +293,20 @@ def test_compare_reports_difference_and_interval():
     comparison = nihs.compare_results(a, b)
     (row,) = comparison["rows"]
     assert row["diff"] == pytest.approx(56 / 70 - 48 / 80)
-    assert (row["low"], row["high"]) == pytest.approx((0.0524, 0.3339), abs=5e-5)
+    assert (row["low"], row["high"]) == pytest.approx(newcombe_reference(56, 70, 48, 80))
     assert "only_a" not in row  # different trial sets: no paired counts
-    same = nihs.compare_results(a, a)["rows"][0]
-    assert (same["diff"], same["only_a"], same["only_b"]) == (0.0, 0, 0)
     assert "+0.20 [+0.05, +0.33]" in nihs.format_comparison(comparison)
+
+    # the same 80 trials: a right on 0..47, c right on 8..57
+    c = hand_made_results({(512, 0): [0] * 8 + [1] * 50 + [0] * 22}, "memory", settings)
+    paired = nihs.compare_results(a, c)["rows"][0]
+    assert paired["only_a"] == 8
+    assert paired["only_b"] == 10
+    assert paired["diff"] == pytest.approx(2 / 80)
+
+    b["needle"] = "city"
+    with pytest.raises(ValueError, match="cannot compare results of needle 'uuid' with needle 'city'"):
+        nihs.compare_results(a, b)
 
 
 # -----------------------------------------------------------------------------
@@ -315,8 +347,9 @@ def test_probe_beats_shuffled_label_control(real_model, tok, docs):
 
 
 def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in one_torch_thread
     return subprocess.run([sys.executable, str(ROOT / "nihs.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          env=env, timeout=600)
 
 
 def assert_one_line_error(result, *fragments):
@@ -388,6 +421,25 @@ def test_cli_writes_results_and_compares(tmp_path):
     comparison = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [row["diff"] for row in comparison["rows"]] == [0.0, 0.0, 0.0]
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_cli_evaluates_checkpoint_folder(tmp_path, tiny_model_folder):
+    from model import Gemma, save_checkpoint
+    model = Gemma.from_pretrained(tiny_model_folder[512])
+    train_config = {"dataset": "gutenberg", "tokenizer": "gemma3-270m-gguf", "init_from": "scratch"}
+    for iter_num in (5, 10):
+        save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "config": train_config,
+                         "iter": iter_num}, tmp_path / "run", iter_num)
+    result = run_cli(f"--ckpt={tmp_path / 'run'}", "--needle=city", "--lengths=256", "--depths=50", "--n=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "nihs" / "results.json").read_text())
+    assert results["model"]["checkpoint"].endswith("ckpt_000010.pt")
+    assert results["model"]["iter"] == 10
+    assert results["model"]["training"]["dataset"] == "gutenberg"
+    assert len(results["trials"]) == 3
+
+    result = run_cli(f"--ckpt={tmp_path / 'run'}", "--split=train", "--lengths=256")
+    assert_one_line_error(result, "split 'train' of gutenberg is the checkpoint's training text")
 
 
 def test_checkpoint_loader_skips_corrupt_newest(tmp_path, tiny_model_folder):
