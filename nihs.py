@@ -386,14 +386,18 @@ def build_trial(tokenizer, haystack, needles, kind, depth, rng, length=0, index=
                  question_pos)
 
 
+def content_rng(seed, purpose, length, index):
+    """Return the generator of a trial's needles: one per (seed, purpose, length, index), shared by depths."""
+    return random.Random(f"nihs/{seed}/{purpose}/{length}/{index}")
+
+
 def make_trial(tokenizer, docs, kind, length, depth, index, seed, purpose='mc', values=None, region=(0.0, 1.0)):
     """Draw trial `index` of a (length, depth) cell; the same arguments always give the same trial.
 
     The needles and the haystack depend on (seed, purpose, length, index) only, so the cells of one
     length share them and differ only in where the needles sit. The 'none' control has a longer
     haystack (no needle tokens to make room for) and so a different one."""
-    content = random.Random(f"nihs/{seed}/{purpose}/{length}/{index}")
-    needles = draw_needles(kind, content, values)
+    needles = draw_needles(kind, content_rng(seed, purpose, length, index), values)
     question_tokens = len(tokenizer.encode(question_text(kind, needles[0].key)))
     needle_tokens = 0 if depth == 'none' else sum(len(tokenizer.encode(' ' + nd.text)) for nd in needles)
     budget = length - 1 - question_tokens - needle_tokens - JOIN_MARGIN
@@ -599,7 +603,7 @@ def run_probe(model, tokenizer, docs, settings, progress):
     fit one probe per layer on the training trials of all needle cells, and score every test trial."""
     kind, layers, seed = settings['needle'], sorted(set(settings['layers'])), settings['seed']
     values = probe_values(kind, settings['probe_classes'], seed)
-    n_train = settings['probe_train_n'] or settings['n']
+    n_train = probe_train_count(settings)
     jobs = [('train', length, depth, i, (0.0, 0.5)) for length, depth in grid(settings) if depth != 'none'
             for i in range(n_train)]
     jobs += [('test', length, depth, i, (0.5, 1.0)) for length, depth in grid(settings) for i in range(settings['n'])]
@@ -821,10 +825,10 @@ def plot_heatmap(results):
     lengths = sorted({c['length'] for c in results['cells']})
     columns = list(dict.fromkeys(c['depth'] for c in results['cells']))
     metrics = plotted_metrics(results)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.3 * len(columns) * len(metrics) + 1.5, 0.7 * len(lengths) + 2),
+    fig, axes = plt.subplots(1, len(metrics), figsize=((1.3 * len(columns) + 2.5) * len(metrics), 0.7 * len(lengths) + 2),
                              squeeze=False)
     cells = {(c['length'], c['depth']): c for c in results['cells']}
-    for ax, metric in zip(axes[0], metrics):
+    for panel, (ax, metric) in enumerate(zip(axes[0], metrics)):
         grid_acc = np.full((len(lengths), len(columns)), np.nan)
         for r, length in enumerate(lengths):
             for col, depth in enumerate(columns):
@@ -839,7 +843,8 @@ def plot_heatmap(results):
         n_depths = sum(isinstance(d, int) for d in columns)
         ax.axvline(n_depths - 0.5, color='white', linewidth=3)
         ax.set_xlabel('needle depth (controls right)')
-        ax.set_ylabel('context length (tokens)')
+        if panel == 0:
+            ax.set_ylabel('context length (tokens)')
         ax.set_title(f"{metric}, chance {results['chance']:.2f}", fontsize=9)
         fig.colorbar(image, ax=ax, label='accuracy')
     fig.suptitle(f"{model_label(results)}: {results['needle']} needles, n = {results['cells'][0]['n']} per cell",
@@ -1033,6 +1038,21 @@ def check_model_fits(model, tokenizer, s):
         model.check_hidden_layers(s['layers'])  # raises ValueError naming the valid range
 
 
+def probe_train_count(s):
+    return s['probe_train_n'] or s['n']
+
+
+def check_probe_labels(s):
+    """Fail before any trial runs when the probe's training trials would name fewer than two values."""
+    values = probe_values(s['needle'], s['probe_classes'], s['seed'])
+    n_train = probe_train_count(s)
+    labels = {draw_needles(s['needle'], content_rng(s['seed'], 'probe-train', length, i), values)[0].value
+              for length in s['lengths'] for i in range(n_train)}
+    if len(labels) < 2:
+        raise ValueError(f"the probe's {n_train} training trials per length all have the same target value, so "
+                         f"there is nothing to classify; raise --probe_train_n (now {s['probe_train_n']}) or --n")
+
+
 def check_grid_fits(tokenizer, docs, s):
     """Fail before any trial runs when a length cannot hold the needles or cannot be cut from the documents.
 
@@ -1042,6 +1062,8 @@ def check_grid_fits(tokenizer, docs, s):
     for length in s['lengths']:
         check_haystack_room(docs, length, region, f"{where} for length {length}")
         make_trial(tokenizer, docs, s['needle'], length, 'adjacent', 0, s['seed'], region=region)  # too short?
+    if s['method'] == 'probe':
+        check_probe_labels(s)
 
 
 def join_compare_args(argv):

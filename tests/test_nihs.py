@@ -328,6 +328,14 @@ def test_real_model_adjacent_recall_and_chance(real_model, tok, docs):
         assert trial["join_shift"] == 0
 
 
+def test_probe_needs_two_training_labels():
+    settings = nihs.resolve_settings({"lengths": [256], "method": "probe", "needle": "city", "probe_classes": 4,
+                                      "probe_train_n": 1})
+    with pytest.raises(ValueError, match="raise --probe_train_n"):
+        nihs.check_probe_labels(settings)
+    nihs.check_probe_labels({**settings, "probe_train_n": 32})
+
+
 def test_probe_beats_shuffled_label_control(real_model, tok, docs):
     settings = {"lengths": [128], "depths": [], "n": 16, "needle": "city", "method": "probe", "layers": [12],
                 "probe_classes": 4, "probe_train_n": 32}
