@@ -32,7 +32,8 @@ from configurator import configure, exit_on_error
 out_dir = 'out/demo'          # everything the demo writes; emptied at the start of each run
 lengths = [256, 512, 1024]    # NIHS prompt lengths, tokens
 depths = [0, 50, 100]         # NIHS target depths, % of the haystack before the needle
-n = 6                         # NIHS trials per (length, depth) cell, for each model
+n = 8                         # NIHS trials per (length, depth) cell, for each model
+needle = 'city'               # city (~3-token values) costs ~2.5x less per trial than uuid (~34 tokens)
 ppl_tokens = 8192             # tokens of the gutenberg test split scored for perplexity
 ppl_window = 256              # perplexity window, tokens (the demo's training block size)
 max_iters = None              # training steps (None = config/demo_cpu.py's value)
@@ -55,7 +56,7 @@ def run(step, args):
 def evaluate(label, weights, config):
     """NIHS and rolling perplexity for one model; weights is ['--init_from=...'] or ['--ckpt=...']."""
     grid = [f"--lengths={','.join(map(str, config['lengths']))}", f"--depths={','.join(map(str, config['depths']))}",
-            f"--n={config['n']}"]
+            f"--n={config['n']}", f"--needle={config['needle']}"]
     run(f'NIHS {label}', ['nihs.py', *weights, *grid, f"--out={config['out_dir']}/nihs_{label}"])
     run(f'perplexity {label}', ['perplexity.py', *weights, f"--window={config['ppl_window']}",
                                 f"--max_tokens={config['ppl_tokens']}",
