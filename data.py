@@ -810,7 +810,12 @@ class DataFolder:
 
     def check_shards(self, verify):
         remedy = f"delete {self.path} and run data.py again to rebuild it"
-        for name, shard in {**self.index['shards'], **self.index['text_files']}.items():
+        listed = {**self.index['shards'], **self.index['text_files']}
+        unlisted = sorted(p.name for p in self.path.glob('*.bin') if p.name not in listed)
+        if unlisted:
+            raise CorruptDataError(f"shard {self.path / unlisted[0]} is not in the index, so the index does not "
+                                   f"describe this folder; {remedy}")
+        for name, shard in listed.items():
             path = self.path / name
             if not path.is_file():
                 raise CorruptDataError(f"shard missing: {path}; {remedy}")
@@ -824,6 +829,17 @@ class DataFolder:
                     raise CorruptDataError(f"shard {path} does not match the sha256 in its index (corrupted); "
                                            f"{remedy}")
                 _verified_shards.add(key)
+
+    def check_tokenizer(self, tok):
+        """Raise CorruptDataError unless the index and tokenizer.model were built with the tokenizer `tok`."""
+        remedy = f"delete {self.path} and run data.py again to rebuild it"
+        built_with = self.index['tokenizer']['sha256']
+        if built_with != tok.sha256:
+            raise CorruptDataError(f"{self.path / 'index.pkl'} was built with another tokenizer (sha256 "
+                                   f"{built_with[:12]}, expected {tok.sha256[:12]} of {tok.source}); {remedy}")
+        model_file = self.path / 'tokenizer.model'
+        if not model_file.is_file() or sha256_file(model_file) != tok.sha256:
+            raise CorruptDataError(f"{model_file} is missing or is not the tokenizer of the index; {remedy}")
 
     @property
     def tokenizer(self):
@@ -1064,6 +1080,7 @@ def prepare(dataset=dataset, tokenizer=tokenizer, data_dir=data_dir, max_docs=ma
     if (final / 'index.pkl').is_file():
         try:
             data = DataFolder(final)
+            data.check_tokenizer(tok)  # the folder name says which tokenizer, but a copied folder may disagree
             if verbose:
                 print(f"using prepared {final.name} (no tokenization needed)")
                 print_summary(data)
