@@ -26,10 +26,12 @@ from pathlib import Path
 
 from configurator import configure, exit_on_error
 
+MARKER = '.demo_output'  # marks a folder demo.py may empty on its next run
+
 # -----------------------------------------------------------------------------
 # settings
 
-out_dir = 'out/demo'          # everything the demo writes; emptied at the start of each run
+out_dir = 'out/demo'          # everything the demo writes; a previous demo's output there is replaced
 lengths = [256, 512, 1024]    # NIHS prompt lengths, tokens
 depths = [0, 50, 100]         # NIHS target depths, % of the haystack before the needle
 n = 8                         # NIHS trials per (length, depth) cell, for each model
@@ -91,7 +93,8 @@ def report(config, seconds):
         print(f"{key:32s} {ppl['baseline'][key]:12.4f} {ppl['tuned'][key]:12.4f}")
     for key, values in curve.items():
         (it0, v0), (it1, v1) = values['first'], values['last']
-        print(f"{'train ' + key + f' (iter {it0} -> {it1})':32s} {v0:12.4f} {v1:12.4f}")
+        what = 'same val windows' if key.startswith('val_') else 'one training batch each'
+        print(f"{f'{key} (iter {it0} -> {it1})':32s} {v0:12.4f} {v1:12.4f}   ({what})")
     print(f"\ndemo wall time: {seconds / 60:.1f} min; outputs in {out}/")
     summary = {'nihs': comparison, 'perplexity': ppl, 'train': curve, 'seconds': seconds}
     tmp = out / 'report.json.tmp'
@@ -99,10 +102,21 @@ def report(config, seconds):
     os.replace(tmp, out / 'report.json')
 
 
+def clear_output(out):
+    """Empty out_dir, but only when it is missing, empty, or a previous demo's output (marked by MARKER)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise ValueError(f"out_dir={str(out)!r} is not empty and was not written by demo.py; pass an empty or new "
+                         f"--out_dir so the demo does not delete other files")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text('written by demo.py; the next demo run replaces this folder\n')
+
+
 def main():
     config = configure(globals(), sys.argv[1:])
     t0 = time.time()
-    shutil.rmtree(config['out_dir'], ignore_errors=True)
+    clear_output(config['out_dir'])
     run('prepare data', ['data.py'])
     evaluate('baseline', ['--init_from=gemma3-270m-gguf'], config)
     train_args = [f"--out_dir={config['out_dir']}", f"--memory_loss={config['memory_loss']}"]

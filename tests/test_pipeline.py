@@ -40,3 +40,12 @@ def test_train_l1_then_evaluate_checkpoint(tmp_path):
     assert "token perplexity" in stdout
     result = json.loads((out / "ppl.json").read_text())
     assert result["tokens"] == 128
+
+
+def test_demo_refuses_foreign_out_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("a researcher's file")
+    result = subprocess.run([sys.executable, "demo.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "not written by demo.py" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "a researcher's file"
