@@ -549,7 +549,11 @@ class Gemma(nn.Module):
         config, state_dict = read_gguf_cached(path) if kind == "gguf" else read_hf_folder(path)
         with torch.device("meta"):
             model = cls(config)
-        model.load_weights(state_dict)
+        try:
+            model.load_weights(state_dict)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}; the weights are incomplete or belong to another model, so download "
+                             f"or export them again") from None
         return model.to(dtype)
 
     def load_weights(self, state_dict):
@@ -1030,14 +1034,19 @@ def list_checkpoints(out_dir):
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(ckpt, out_dir, iter_num, keep_last=3):
+def save_checkpoint(ckpt, out_dir, iter_num, keep_last=3, on_stage=None):
     """Write ckpt to out_dir/ckpt_{iter_num:06d}.pt atomically, then delete all but the newest keep_last.
 
     The file is written under a temporary name, flushed and fsynced, then renamed, so a crash or an
     error mid-write leaves every earlier checkpoint as it was. Older checkpoints are deleted only
-    after the new one is complete. Returns the path written."""
+    after the new one is complete. Temporary files of killed saves are deleted first, so repeated
+    crashes do not fill the disk. on_stage, when given, is called with 'synced' (the temporary
+    file is complete) and 'renamed' (the checkpoint is in place, older ones not yet deleted);
+    train.py's crash tests stop the process there. Returns the path written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_checkpoints(out_dir)
+    stage = on_stage or (lambda name: None)
     path = checkpoint_path(out_dir, iter_num)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
@@ -1045,15 +1054,38 @@ def save_checkpoint(ckpt, out_dir, iter_num, keep_last=3):
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        stage("synced")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(out_dir)
+    stage("renamed")
     older = [p for p in list_checkpoints(out_dir) if p != path and checkpoint_iter(p) < iter_num]
     for old in older[:max(0, len(older) - (keep_last - 1))]:
         old.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temp_checkpoints(out_dir):
+    """Delete ckpt_*.pt.tmp{pid} files whose process no longer runs: saves killed before their rename.
+
+    NOTE: the pid is looked up on this machine only, which is right while one process saves to out_dir."""
+    for tmp in Path(out_dir).glob("ckpt_*.pt.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_running(int(pid)):
+            print(f"removing {tmp}, left by a checkpoint save that did not finish")
+            tmp.unlink(missing_ok=True)
+
+
+def pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists but belongs to another user
+    return True
 
 
 def fsync_dir(folder):
