@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -116,7 +117,7 @@ min_lr_ratio = 0.1             # final LR as a fraction of the peak
 device = 'auto'                # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 dtype = 'auto'                 # auto (bfloat16 where the hardware has it, else float32) | bfloat16 | float32
 compile = False                # torch.compile the model (10-20 s of compilation on CPU for little gain)
-ddp_timeout_minutes = 30       # a collective that waits longer (a dead rank) raises instead of hanging
+ddp_timeout_minutes = 30.0     # a collective that waits longer (a dead or hung rank) raises instead of hanging
 
 CONFIG_TYPES = {'memory_layer': (int, list), 'memory_layer_weights': (list, type(None)),
                 'memory_loss': (str, type(None)), 'memory_norm': (str, type(None)),
@@ -124,6 +125,16 @@ CONFIG_TYPES = {'memory_layer': (int, list), 'memory_layer_weights': (list, type
 SCRATCH_SIZES = ('num_hidden_layers', 'hidden_size', 'intermediate_size', 'num_attention_heads',
                  'num_key_value_heads', 'head_dim', 'sliding_window', 'sliding_window_pattern')
 NAN_TEST_ENV = 'TRAIN_TEST_INJECT_NAN_AT_ITER'  # tests only: make the loss NaN at this iteration
+# Tests only: 'POINT:ITER[:RANK[:hang]]' makes that rank SIGKILL itself (or hang, with ':hang') at POINT
+# of iteration ITER, so the crash tests can stop a run at a known place and resume it.
+FAULT_TEST_ENV = 'TRAIN_TEST_FAULT_AT'
+FAULT_POINTS = ('backward',      # after the first micro-step's backward, gradients half accumulated
+                'step',          # after the optimizer step, before the step is logged
+                'log',           # after the step's metrics are written to log.txt
+                'eval',          # after an evaluation, before its metrics are logged and the checkpoint saved
+                'ckpt_synced',   # the temporary checkpoint file is complete, not yet renamed
+                'ckpt_renamed',  # the checkpoint is in place, older ones not yet deleted
+                'ckpt_saved')    # the save is done, older checkpoints deleted
 
 # bf16 dense tensor-core peaks in FLOP/s (NVIDIA data sheets, without sparsity), matched in order against
 # torch.cuda.get_device_name(); the first matching entry wins.
@@ -133,6 +144,10 @@ GPU_PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('GH200', 989e12)
 
 class NonFiniteLossError(ArithmeticError):
     """The loss or the gradient norm became NaN or Inf; training stops without saving."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint that could not be written (disk full, I/O error). Training stops, earlier checkpoints stay intact."""
 
 # -----------------------------------------------------------------------------
 # setup helpers
@@ -146,10 +161,12 @@ def print0(*args, **kwargs):
 def check_settings(config, world_size):
     """Raise ConfigError for settings that cannot describe a run; return the micro-steps per rank."""
     positive = ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-                'ckpt_interval', 'keep_last', 'ddp_timeout_minutes')
+                'ckpt_interval', 'keep_last')
     for key in positive:
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} is invalid: expected a positive integer")
+    if not config['ddp_timeout_minutes'] > 0:
+        raise ConfigError(f"ddp_timeout_minutes={config['ddp_timeout_minutes']} is invalid: expected a positive number")
     for key in ('max_iters', 'warmup_iters', 'dino_teacher_temp_warmup_iters'):
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} is invalid: expected an integer >= 0")
@@ -159,6 +176,10 @@ def check_settings(config, world_size):
     if config['gradient_accumulation_steps'] % world_size:
         raise ConfigError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} is not divisible by "
                           f"WORLD_SIZE={world_size}; pick a multiple of the number of processes")
+    for key in ('xent_weight', 'memory_weight'):
+        if (config[key] or 0) < 0:  # None (--no_memory_weight) means 0
+            raise ConfigError(f"{key}={config[key]} is invalid: a negative weight would maximize the loss; "
+                              f"use a weight >= 0 (0 turns the loss off)")
     if config['optimizer'] not in ('adamw', 'adafactor'):
         raise ConfigError(f"optimizer={config['optimizer']!r} is invalid; use adamw or adafactor")
     if config['memory_loss'] is not None:
@@ -517,9 +538,7 @@ def train(config, rank, world_size, master, accum_steps, device):
     torch.manual_seed(config['seed'])  # the same initial weights on every rank
     random.seed(config['seed'])
     np.random.seed(config['seed'])
-    out_dir = Path(config['out_dir'])
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(config['out_dir'])  # created once the settings, data and model have passed their checks
 
     # dtype and autocast
     compute_dtype, dtype_reason = pick_dtype(config['dtype'], device.type)
@@ -572,7 +591,10 @@ def train(config, rank, world_size, master, accum_steps, device):
         model.embed_tokens.weight.requires_grad_(False)
     memory = build_memory_loss(config, cfg)
     if memory is not None:
-        model.check_hidden_layers(memory.layers)
+        try:
+            model.check_hidden_layers(memory.layers)
+        except ValueError as e:
+            raise ConfigError(f"memory_layer={config['memory_layer']!r} does not fit the model: {e}") from None
         if ckpt is not None:
             restore_memory(memory, ckpt)
         memory.to(device)
@@ -611,6 +633,7 @@ def train(config, rank, world_size, master, accum_steps, device):
     print0(f"MFU against the bf16 dense peak of {peak_name} ({flops / 1e12:.0f} TFLOP/s per GPU)" if flops
            else f"MFU: n/a ({peak_name})")
     log = None
+    out_dir.mkdir(parents=True, exist_ok=True)  # on every rank: exist_ok makes it safe, windows_rank{r}.txt needs it
     if master:
         wandb_run = None
         if config['wandb_log']:
@@ -619,6 +642,7 @@ def train(config, rank, world_size, master, accum_steps, device):
         log = MetricsLog(out_dir / 'log.txt', wandb_run)
     window_log = open(out_dir / f"windows_rank{rank}.txt", 'a') if config['log_windows'] else None
     nan_iter = int(os.environ[NAN_TEST_ENV]) if os.environ.get(NAN_TEST_ENV) else None
+    fault = fault_injector(os.environ.get(FAULT_TEST_ENV), rank)
 
     # the running statistics of the memory loss need values before the first step uses them
     if memory is not None and memory.needs_calibration:
@@ -638,18 +662,27 @@ def train(config, rank, world_size, master, accum_steps, device):
     step_seconds, steps_since_log = 0.0, 0  # time in training steps since the last log line (no eval, no saving)
     while True:
         last = iter_num >= config['max_iters']
+        # The evaluation uses this iteration's teacher temperature too, so a resumed run (whose memory
+        # loss starts at the default temperature) evaluates exactly as the uninterrupted run.
+        if memory is not None:
+            memory.set_teacher_temp(dino_teacher_temperature(
+                iter_num, config['dino_teacher_temp_start'], config['dino_teacher_temp'],
+                config['dino_teacher_temp_warmup_iters']))
 
         # evaluate and checkpoint
         if iter_num % config['eval_interval'] == 0 or last:
             metrics = evaluate(model, memory, val_batches, autocast, data.bos_id, data.pad_id, config)
+            fault('eval', iter_num)
             best_val_loss = min(best_val_loss, metrics['val_loss'])
             print0(f"iter {iter_num} | val xent {metrics['val_xent']:.4f}" +
                    (f" | val mem {metrics['val_mem']:.4f}" if 'val_mem' in metrics else ''))
             if master:
                 log.write(iter_num, metrics)
         if master and iter_num > start_iter and (iter_num % config['ckpt_interval'] == 0 or last):
-            path = save_checkpoint(make_checkpoint(), out_dir, iter_num, config['keep_last'])
+            path = save(make_checkpoint(), out_dir, iter_num, config['keep_last'],
+                        on_stage=lambda stage: fault(f"ckpt_{stage}", iter_num))
             print0(f"saved {path}")
+            fault('ckpt_saved', iter_num)
         if last:
             break
 
@@ -659,10 +692,6 @@ def train(config, rank, world_size, master, accum_steps, device):
                            config['min_lr_ratio'], config['decay_lr'])
         for group in optimizer.param_groups:
             group['lr'] = group['peak_lr'] * factor
-        if memory is not None:
-            memory.set_teacher_temp(dino_teacher_temperature(
-                iter_num, config['dino_teacher_temp_start'], config['dino_teacher_temp'],
-                config['dino_teacher_temp_warmup_iters']))
 
         # the step's windows and their counts over all ranks, which normalize every micro-batch's loss
         x_all, y_all, start_all, doc_all = train_loader.get_batch(iter_num)
@@ -705,6 +734,8 @@ def train(config, rank, world_size, master, accum_steps, device):
                     loss = loss * float('nan')
                 sums[1] += loss.detach().double()
                 (loss * world_size).backward()
+                if micro_step == 0:
+                    fault('backward', iter_num)
 
         # step metrics over all ranks, then stop on a non-finite value before anything is updated
         all_reduce_sum(sums)
@@ -717,6 +748,7 @@ def train(config, rank, world_size, master, accum_steps, device):
         if not math.isfinite(step['grad_norm']):
             raise NonFiniteLossError(stop_message(iter_num, 'gradient norm', step, out_dir))
         optimizer.step()
+        fault('step', iter_num)
         optimizer.zero_grad(set_to_none=True)
         if memory is not None:
             for layer, values in memory.end_step(all_reduce_sum).items():
@@ -734,6 +766,7 @@ def train(config, rank, world_size, master, accum_steps, device):
             warn_collapse(iter_num, step, memory, config)
             if master:
                 log.write(iter_num, step)
+            fault('log', iter_num)
             step_seconds, steps_since_log = 0.0, 0
         iter_num += 1
 
@@ -820,6 +853,44 @@ def step_metrics(sums, n_tokens, n_pairs, memory, config, use_xent):
     return step
 
 
+def save(ckpt, out_dir, it, keep_last, on_stage=None):
+    """Call save_checkpoint and turn a failed write (disk full, I/O error) into CheckpointSaveError."""
+    try:
+        return save_checkpoint(ckpt, out_dir, it, keep_last, on_stage=on_stage)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError whose context is the OSError (errno 28: disk full)
+        cause = e.__context__ if isinstance(e.__context__, OSError) else e
+        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        saved = list_checkpoints(out_dir)
+        last = f"the last checkpoint {saved[-1]} is intact" if saved else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"saving the checkpoint of iteration {it} in {out_dir} failed ({reason}); {last}; "
+                                  f"free disk space or fix the error, then rerun with --init_from=resume") from None
+
+
+def fault_injector(spec, rank):
+    """Return fault(point, it), which SIGKILLs or hangs this process at the place `spec` names (tests only).
+
+    spec is the value of FAULT_TEST_ENV, 'POINT:ITER[:RANK[:hang]]'; None or '' gives a no-op."""
+    if not spec:
+        return lambda point, it: None
+    parts = spec.split(':')
+    if len(parts) < 2 or parts[0] not in FAULT_POINTS or parts[4:] or (parts[3:] and parts[3] != 'hang'):
+        raise ValueError(f"{FAULT_TEST_ENV}={spec!r} is invalid; use POINT:ITER[:RANK[:hang]] with POINT one of "
+                         f"{', '.join(FAULT_POINTS)}")
+    point, fault_iter = parts[0], int(parts[1])
+    fault_rank = int(parts[2]) if len(parts) > 2 else 0
+    hang = len(parts) > 3
+
+    def fault(name, it):
+        if (name, it, rank) != (point, fault_iter, fault_rank):
+            return
+        print(f"test fault: rank {rank} {'hangs' if hang else 'is killed'} at {name}, iteration {it}", flush=True)
+        while hang:
+            time.sleep(60)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fault
+
+
 def stop_message(it, what, step, out_dir):
     saved = list_checkpoints(out_dir) if out_dir.is_dir() else []
     values = ", ".join(f"{k} {v:.4g}" for k, v in step.items() if k in ('loss', 'xent', 'mem', 'grad_norm'))
@@ -854,5 +925,5 @@ def warn_collapse(it, step, memory, config):
 
 
 if __name__ == '__main__':
-    with exit_on_error(ValueError, FileNotFoundError, NonFiniteLossError):
+    with exit_on_error(ValueError, FileNotFoundError, NonFiniteLossError, CheckpointSaveError):
         main(sys.argv[1:])
