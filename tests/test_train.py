@@ -6,7 +6,6 @@ would make each step ~30x slower. The model, data pipeline and training loop are
 """
 
 import hashlib
-import io
 import math
 import os
 import re
@@ -24,28 +23,6 @@ from model import (Gemma, GemmaConfig, MemoryLoss, gemma3_layer_types, list_chec
 
 ROOT = Path(__file__).resolve().parent.parent
 NPROC = 2
-
-
-@pytest.fixture(scope='session')
-def small_data(tmp_path_factory):
-    """A 1,024-piece BPE tokenizer trained on Gutenberg plays, and the Gutenberg dataset prepared with it."""
-    import sentencepiece as spm
-
-    import data
-    gemma_data = data.prepare(verbose=False)  # the Gemma-tokenized Gutenberg folder, cached across sessions
-    lines = []
-    for i in range(6):
-        lines += [line for line in gemma_data.text('train', i).splitlines() if line.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=1024,
-                                   model_type='bpe', bos_id=2, eos_id=1, pad_id=0, unk_id=3, byte_fallback=True,
-                                   character_coverage=1.0, num_threads=2, minloglevel=2)
-    root = tmp_path_factory.mktemp('small_data')
-    (root / 'tokenizer').mkdir()
-    (root / 'tokenizer' / 'tokenizer.model').write_bytes(model.getvalue())
-    prepared = data.prepare(tokenizer=str(root / 'tokenizer'), data_dir=str(root / 'data'), verbose=False)
-    assert prepared.vocab_size == 1024
-    return [f"--tokenizer={root / 'tokenizer'}", f"--data_dir={root / 'data'}"]
 
 
 @pytest.fixture(scope='session')
