@@ -128,7 +128,8 @@ def wilson_interval(k, n, z=Z95):
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At k = 0 or k = n, rounding can leave a bound a hair on the wrong side of p (e.g. low = 1e-17 at k = 0)
+    return min(p, max(0.0, center - half)), max(p, min(1.0, center + half))
 
 
 def newcombe_interval(k1, n1, k2, n2, z=Z95):
@@ -871,8 +872,8 @@ def plot_distance(results, bins=8):
                 p = proportion(sum(t['hits'][metric] for t in rows), len(rows))
                 xs.append(float(np.mean([max(t['distance'], 1) for t in rows])))
                 ys.append(p['acc'])
-                errors[0].append(p['acc'] - p['low'])
-                errors[1].append(p['high'] - p['acc'])
+                errors[0].append(max(p['acc'] - p['low'], 0.0))  # rounding can put a bound a hair past acc
+                errors[1].append(max(p['high'] - p['acc'], 0.0))
             ax.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, label=metric)
 
     window = results.get('model', {}).get('config', {}).get('sliding_window')
@@ -897,14 +898,14 @@ def plot_comparison(comparison):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.6 * len(rows) + 2), 6), sharex=True)
     for offset, side in ((-0.2, 'a'), (0.2, 'b')):
         acc = np.array([r[side]['acc'] for r in rows])
-        errors = [acc - [r[side]['low'] for r in rows], [r[side]['high'] for r in rows] - acc]
+        errors = np.clip([acc - [r[side]['low'] for r in rows], [r[side]['high'] for r in rows] - acc], 0, None)
         top.bar(x + offset, acc, width=0.4, yerr=errors, capsize=2, label=f"{side}: {comparison[side]}")
     top.axhline(comparison['chance'], color='red', linestyle='--', linewidth=1, label='chance')
     top.set_ylabel(comparison['metric'])
     top.set_ylim(0, 1.05)
     top.legend(fontsize=8)
     diff = np.array([r['diff'] for r in rows])
-    bottom.errorbar(x, diff, yerr=[diff - [r['low'] for r in rows], [r['high'] for r in rows] - diff],
+    bottom.errorbar(x, diff, yerr=np.clip([diff - [r['low'] for r in rows], [r['high'] for r in rows] - diff], 0, None),
                     fmt='o', capsize=3)
     bottom.axhline(0, color='gray', linewidth=1)
     bottom.set_ylabel('b - a')

@@ -461,3 +461,11 @@ def test_checkpoint_loader_skips_corrupt_newest(tmp_path, tiny_model_folder):
     assert checkpoint["path"].endswith("ckpt_000010.pt")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+def test_wilson_bounds_contain_estimate_at_extremes():
+    from nihs import wilson_interval
+    for n in range(1, 200):
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high, (k, n, low, high)
