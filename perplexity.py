@@ -127,10 +127,10 @@ def check_documents(documents):
     for i, doc in enumerate(documents):
         doc = doc if isinstance(doc, EvalDocument) else EvalDocument(doc)
         ids = torch.as_tensor(doc.ids, dtype=torch.long).flatten()
-        if ids.numel() == 0:
+        if ids.numel() < 2:
             name = f"{doc.title!r}" if doc.title else f"#{i}"
-            raise ValueError(f"document {name} has no tokens, so its perplexity is undefined; drop empty "
-                             f"documents before evaluating")
+            raise ValueError(f"document {name} has {ids.numel()} token(s); rolling perplexity needs at least 2 "
+                             f"(data.py skips such documents with min_doc_tokens=2), so drop it before evaluating")
         checked.append(doc._replace(ids=ids))
     return checked
 
@@ -291,6 +291,8 @@ def split_documents(data, split, tokenizer, max_docs=None, max_tokens=None):
             break
         ids = data.document(split, i)
         if max_tokens is not None and total + len(ids) > max_tokens:
+            if max_tokens - total < 2:
+                break  # a 1-token tail cannot be evaluated on its own
             ids = ids[:max_tokens - total]
             # NOTE: a cut inside a multi-byte character decodes to U+FFFD, which counts 3 bytes.
             documents.append(document_from_text(tokenizer, tokenizer.decode(ids), record['title'])._replace(ids=ids))

@@ -143,7 +143,7 @@ def test_windows_match_data_loader_eval_batches(local_docs):
 def test_full_window_equals_unwindowed():
     model = tiny_model()
     ref = transformers_copy(model)
-    docs = [torch.randint(3, 262_144, (n,)) for n in (40, 17, 1)]
+    docs = [torch.randint(3, 262_144, (n,)) for n in (40, 17, 2)]
     result = evaluate_perplexity(model, docs, window=64, stride=16, batch_size=3)
     assert result['windows'] == 3  # one window per document, because each document fits in the window
     for doc, entry in zip(docs, result['per_document']):
@@ -152,7 +152,7 @@ def test_full_window_equals_unwindowed():
         expected = -logp[torch.arange(len(doc)), doc].sum().item()  # position j predicts doc[j]
         assert entry['tokens'] == len(doc)
         assert entry['nll'] == pytest.approx(expected, rel=1e-5)
-    assert result['tokens'] == 58
+    assert result['tokens'] == 59
     assert result['nll'] == pytest.approx(sum(e['nll'] for e in result['per_document']), rel=1e-12)
 
 
@@ -169,7 +169,7 @@ def test_strided_windows_equal_reference():
 
 def test_padding_and_batch_size_do_not_change_results():
     model = tiny_model()
-    docs = [torch.randint(3, 262_144, (n,)) for n in (70, 5, 33, 1, 64)]
+    docs = [torch.randint(3, 262_144, (n,)) for n in (70, 5, 33, 2, 64)]
     one = evaluate_perplexity(model, docs, window=32, stride=10, batch_size=1)
     many = evaluate_perplexity(model, docs, window=32, stride=10, batch_size=7)
     for a, b in zip(one['per_document'], many['per_document']):
@@ -201,9 +201,9 @@ def test_empty_inputs_rejected_with_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match='no documents to evaluate'):
         evaluate_perplexity(model, [], window=16)
-    with pytest.raises(ValueError, match=r"document 'blank' has no tokens"):
+    with pytest.raises(ValueError, match=r"document 'blank' has 0 token\(s\)"):
         evaluate_perplexity(model, [EvalDocument([5, 6]), EvalDocument([], 'blank')], window=16)
-    with pytest.raises(ValueError, match=r'document #1 has no tokens'):
+    with pytest.raises(ValueError, match=r'document #1 has 0 token\(s\)'):
         evaluate_perplexity(model, [[5, 6], []], window=16)
     with pytest.raises(ValueError, match=r'stride=17 is invalid.*window=16'):
         evaluate_perplexity(model, [[5, 6]], window=16, stride=17)
@@ -211,13 +211,20 @@ def test_empty_inputs_rejected_with_clear_error():
         evaluate_perplexity(model, [[5, 6]], window=5000)
 
 
-def test_one_token_document_is_predicted_from_bos():
+def test_one_token_document_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"document 'short' has 1 token\(s\); rolling perplexity needs at least 2"):
+        evaluate_perplexity(model, [EvalDocument([5, 6, 7]), EvalDocument([1234], 'short')], window=16)
+
+
+def test_two_token_document_is_scored_from_bos():
     model = tiny_model()
     ref = transformers_copy(model)
-    result = evaluate_perplexity(model, [[1234]], window=16)
+    result = evaluate_perplexity(model, [[1234, 99]], window=16)
     with torch.no_grad():
-        expected = -torch.log_softmax(ref(torch.tensor([[BOS]])).logits[0, 0].double(), -1)[1234].item()
-    assert result['tokens'] == 1
+        logprobs = torch.log_softmax(ref(torch.tensor([[BOS, 1234]])).logits[0].double(), -1)
+    expected = -(logprobs[0, 1234] + logprobs[1, 99]).item()
+    assert result['tokens'] == 2
     assert result['windows'] == 1
     assert result['nll'] == pytest.approx(expected, rel=1e-5)
 
