@@ -93,8 +93,8 @@ def report(config, seconds):
         print(f"{key:32s} {ppl['baseline'][key]:12.4f} {ppl['tuned'][key]:12.4f}")
     for key, values in curve.items():
         (it0, v0), (it1, v1) = values['first'], values['last']
-        what = 'same val windows' if key.startswith('val_') else 'one training batch each'
-        print(f"{f'{key} (iter {it0} -> {it1})':32s} {v0:12.4f} {v1:12.4f}   ({what})")
+        windows = 'same val windows' if key.startswith('val_') else 'one training batch each'
+        print(f"{f'{key} (iter {it0} -> {it1})':32s} {v0:12.4f} {v1:12.4f}   ({windows})")
     print(f"\ndemo wall time: {seconds / 60:.1f} min; outputs in {out}/")
     summary = {'nihs': comparison, 'perplexity': ppl, 'train': curve, 'seconds': seconds}
     tmp = out / 'report.json.tmp'
