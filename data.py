@@ -39,7 +39,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from configurator import configure, exit_on_error
-from model import CACHE_DIR, GGUF_ALIAS, resolve_source
+from model import CACHE_DIR, GGUF_ALIAS, pid_running, resolve_source
 
 # -----------------------------------------------------------------------------
 # settings: `python data.py --key=value` overrides any of these (see configurator.py)
@@ -902,16 +902,6 @@ def remove_stale_builds(data_dir, name):
         pid = tmp.name.rsplit('-', 1)[-1]
         if pid.isdigit() and not pid_running(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pid_running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def batched_documents(documents, max_chars):
