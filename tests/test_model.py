@@ -65,8 +65,10 @@ def test_hidden_only_stops_after_deepest_block(tmp_path):
     with torch.no_grad():
         logits, loss, hidden = model(idx, hidden_layers=(3,), return_logits=False)
         full = model(idx, hidden_layers=(3,))[2]
-    assert logits is None and loss is None
-    assert ran[:3] == [0, 1, 2] and len(ran) == 3 + 7  # the early-stopping call ran blocks 0..2 only
+    assert logits is None
+    assert loss is None
+    assert ran[:3] == [0, 1, 2]  # the early-stopping call ran blocks 0..2 only
+    assert len(ran) == 3 + 7     # and the full call ran all 7
     torch.testing.assert_close(hidden[3], full[3])
 
 
