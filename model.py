@@ -353,52 +353,70 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     known during the forward pass. So each chunk's logits are turned into their contribution to the
     gradients of x and weight at once and then freed: peak memory keeps one chunk of logits instead of
     the (N, vocab) fp32 matrix, its softmax and its gradient. The matmuls are the same three a plain
-    linear + cross_entropy would run.
+    linear + cross_entropy would run, and the softmax is formed in place of the logits (torch.logsumexp
+    would allocate a second chunk-sized buffer and cost two more passes over it).
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk, compute_dtype, grad_enabled):
         # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on
         needs_x_grad, needs_w_grad = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
-        needs_grad = needs_x_grad or needs_w_grad
         ctx.weight_dtype = weight.dtype
         valid_all = targets != IGNORE_INDEX
-        n_valid = int(valid_all.sum())
+        n_valid = max(int(valid_all.sum()), 1)
         w = weight.to(compute_dtype)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 logits and sums, fp64 if given fp64
         loss_sum = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.zeros_like(x) if needs_x_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device) if needs_w_grad else None
+        grad_w = None  # (vocab, C) in acc_dtype, created by the first chunk's matmul
 
         for start in range(0, x.shape[0], chunk):
             xc, tc, valid = x[start:start + chunk], targets[start:start + chunk], valid_all[start:start + chunk]
             if not valid.any():
                 continue
             xc = xc.to(compute_dtype)
+            tc = tc.clamp(min=0)[:, None]
             logits = (xc @ w.t()).to(acc_dtype)                            # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
-            loss_sum += ((lse - target_logit) * valid).sum()
+            target_logit = logits.gather(1, tc)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()                                # unnormalized softmax, in place
+            total = probs.sum(dim=-1, keepdim=True)
+            loss_sum += ((top + total.log() - target_logit).squeeze(1) * valid).sum()
+            if not (needs_x_grad or needs_w_grad):
+                continue
 
-            if needs_grad:
-                probs = logits.sub_(lse[:, None]).exp_()                   # softmax, in place of the logits
-                rows = valid.nonzero().squeeze(1)
-                probs[rows, tc[rows]] -= 1.0
-                probs *= valid[:, None] / max(n_valid, 1)
-                probs = probs.to(compute_dtype)
-                if grad_x is not None:
-                    grad_x[start:start + chunk] = (probs @ w).to(x.dtype)
-                if grad_w is not None:
-                    grad_w += probs.t() @ xc
+            # d(mean loss)/d(logits) = (softmax - onehot) / n on valid rows, 0 elsewhere. Cast after the
+            # fp32 math: torch's mixed-dtype element-wise kernels are slower than a separate cast on CPU.
+            inv_n = valid[:, None].to(acc_dtype) / n_valid
+            grad_logits = probs.mul_(inv_n / total).scatter_add_(1, tc, -inv_n).to(compute_dtype)
+            del logits, probs
+            if needs_x_grad:
+                grad_x[start:start + chunk] = (grad_logits @ w).to(x.dtype)
+            if needs_w_grad:
+                if grad_w is None:
+                    grad_w = (grad_logits.t() @ xc).to(acc_dtype)
+                elif grad_logits.dtype == acc_dtype:
+                    grad_w.addmm_(grad_logits.t(), xc)                     # accumulate without a (vocab, C) temporary
+                else:
+                    grad_w += grad_logits.t() @ xc
+        if needs_w_grad and grad_w is None:  # no valid target at all
+            grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=x.device)
 
-        ctx.save_for_backward(grad_x, grad_w)
-        return loss_sum / max(n_valid, 1)
+        # Kept on ctx rather than save_for_backward: backward scales them in place and hands them over, so
+        # autograd can adopt grad_w as weight.grad without another (vocab, C) copy. This graph can
+        # therefore be backpropagated once (retain_graph=True and a second backward are refused).
+        ctx.grads = (grad_x, grad_w)
+        return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        grad_x = grad_x * grad_loss if grad_x is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedCrossEntropy's backward already ran; this loss can be backpropagated once "
+                               "(compute the loss again instead of using retain_graph=True)")
+        grad_x, grad_w = ctx.grads
+        ctx.grads = None
+        grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_x, grad_w, None, None, None, None
 
 
