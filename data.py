@@ -30,6 +30,7 @@ import sys
 import tarfile
 import time
 from configparser import ConfigParser
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,12 +95,35 @@ class Tokenizer:
     def __init__(self, model_bytes, source=''):
         self.model_bytes = bytes(model_bytes)
         self.source = str(source)
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        if self.bos_id < 0:
+
+    @cached_property
+    def sp(self):
+        """The SentencePiece processor, loaded on first use: ~30 ms that a cache hit in prepare() never needs."""
+        sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        if sp.bos_id() < 0:
             raise DataError(f"tokenizer {self.source!r} defines no BOS piece; every model input needs one")
+        return sp
+
+    vocab_size = property(lambda self: self.sp.get_piece_size())
+    bos_id = property(lambda self: self.sp.bos_id())
+    eos_id = property(lambda self: self.sp.eos_id())
+    pad_id = property(lambda self: self.sp.pad_id())
+
+    @cached_property
+    def lossless(self):
+        """True when decode(encode(text)) == text for every text without U+2581.
+
+        That holds when the model leaves text as it is (identity normalization, no dummy prefix, runs
+        of whitespace kept) and spells unknown characters in bytes; U+2581 itself comes back as a
+        space because SentencePiece writes spaces with it. Gemma's tokenizer is such a model.
+        """
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        norm = proto.normalizer_spec
+        return (norm.name == 'identity' and not norm.precompiled_charsmap and not norm.add_dummy_prefix
+                and not norm.remove_extra_whitespaces and proto.trainer_spec.byte_fallback
+                and not proto.denormalizer_spec.precompiled_charsmap)
 
     @classmethod
     def from_source(cls, source):
@@ -300,6 +324,8 @@ GUTENBERG_OLD_END = re.compile(r"^[ \t]*End of (the )?Project Gutenberg", re.I |
 
 def strip_gutenberg(text):
     """Remove a Project Gutenberg license header and footer; text without markers comes back unchanged."""
+    if 'gutenberg' not in text.lower():  # every marker names it: one fast pass instead of four regex scans
+        return text
     start = GUTENBERG_START.search(text) or GUTENBERG_OLD_START.search(text)
     body = text[start.end():] if start else text
     end = GUTENBERG_END.search(body) or GUTENBERG_OLD_END.search(body)
@@ -932,14 +958,16 @@ def tokenize_into(folder, source, tok, settings, verbose):
     documents = limit_per_split(source.documents(), settings['max_docs'])
     for batch in batched_documents(documents, BATCH_CHARS):
         ids_list = tok.encode_batch([doc.text for doc in batch], num_threads=settings['num_threads'])
-        decoded = tok.decode_batch(ids_list)  # ~10x faster than encoding
-        for doc, ids, text in zip(batch, ids_list, decoded):
+        # Decode to check exactness only where it can fail: that saved ~0.15 s of a 1.8 s Gutenberg build.
+        check = [i for i, doc in enumerate(batch) if not tok.lossless or '\u2581' in doc.text]
+        decoded = dict(zip(check, tok.decode_batch([ids_list[i] for i in check])))
+        for i, (doc, ids) in enumerate(zip(batch, ids_list)):
             replacements += doc.replacements
             if len(ids) < settings['min_doc_tokens']:
                 skipped.append(doc.name)
                 continue
             shard, offset = writers[doc.split].add(np.asarray(ids, dtype=np.int64))
-            text_file, text_offset, text_bytes = (None, None, None) if text == doc.text else \
+            text_file, text_offset, text_bytes = (None, None, None) if decoded.get(i, doc.text) == doc.text else \
                 text_writers[doc.split].add(doc.text)
             records.append({'split': doc.split, 'shard': shard, 'offset': offset, 'length': len(ids),
                             'title': doc.title, 'name': doc.name, 'work': doc.work, 'chars': len(doc.text),

@@ -166,6 +166,33 @@ def test_text_stored_when_decode_lossy(tmp_path):
             assert folder.text(split, i) == (docs / record["name"]).read_text()
 
 
+def test_gemma_tokenizer_is_lossless(tok):
+    # prepare() skips the decode check on a lossless tokenizer; the edge cases above round-trip
+    assert tok.lossless
+
+
+def test_normalizing_tokenizer_keeps_text_exact(tok, tmp_path):
+    # A model that collapses whitespace is not lossless, so prepare() decodes every document and
+    # stores the text of each one that does not come back.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    collapsing = Tokenizer.from_file(tmp_path / "tok" / "tokenizer.model")
+    assert not collapsing.lossless
+    docs = five_docs(tmp_path / "docs")
+    (docs / "doc3.txt").write_text("two  spaces" * 30)
+    folder = prepare(dataset=str(docs), tokenizer=str(tmp_path / "tok"), data_dir=tmp_path / "data", verbose=False)
+    stored = sorted(record["name"] for s in data.SPLITS for record in folder.records(s) if record["text_file"])
+    lossy = sorted(p.name for p in docs.iterdir() if collapsing.decode(collapsing.encode(p.read_text())) != p.read_text())
+    assert "doc3.txt" in lossy
+    assert stored == lossy
+    for split in data.SPLITS:
+        for i, record in enumerate(folder.records(split)):
+            assert folder.text(split, i) == (docs / record["name"]).read_text()
+
+
 def test_tokenizer_special_ids(tok, hf_tok):
     assert tok.bos_id == hf_tok.bos_token_id
     assert tok.eos_id == hf_tok.eos_token_id
