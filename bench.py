@@ -3,12 +3,14 @@ Speed and memory of this repo against transformers' Gemma 3, side by side in one
 
     python bench.py                  # the full CPU run recorded in BENCHMARKS.md
     python bench.py --quick          # a reduced run (smoke test, a few minutes)
+    python bench.py --dtype=bfloat16 --benchmarks="['train']"   # the bf16 training-step table
     python bench.py --device=cuda --dtype=bfloat16 --blocks=2048 --batch_size=8
 
 Every figure is a median over `repeats` timed repetitions after `warmup` untimed ones. Each
 training-step variant runs in a fresh process, so its peak memory is its own: resident set size
-(VmHWM, reset after loading) on CPU, torch.cuda.max_memory_allocated on GPU. Goals print PASS or
-MISS; they are targets for this code, not assertions.
+(VmHWM, reset after loading) on CPU, torch.cuda.max_memory_allocated on GPU; the memory in use
+when that step starts is reported too. `dtype` applies to the training step; NIHS and perplexity
+run in fp32. Goals print PASS or MISS; they are targets for this code, not assertions.
 """
 
 import json
@@ -28,9 +30,10 @@ from configurator import configure, exit_on_error
 # settings
 
 quick = False                 # reduced sizes and repetitions for the smoke test
+benchmarks = ['train', 'nihs', 'perplexity', 'prep']  # sections to run, in this order
 init_from = 'gemma3-270m-gguf'  # weights for every measurement
 device = 'cpu'                # cpu | cuda
-dtype = 'float32'             # float32 | bfloat16 (autocast for our model, bf16 weights for transformers)
+dtype = 'float32'             # float32 | bfloat16 (autocast over fp32 weights, for both models)
 blocks = [512, 1024]          # training-step window lengths, tokens
 batch_size = 1                # training-step windows per step
 repeats = 3                   # timed repetitions per measurement (median reported)
@@ -87,7 +90,7 @@ def peak_memory(dev):
     raise RuntimeError('VmHWM not found in /proc/self/status; peak RSS needs Linux')
 
 
-def transformers_twin(model, torch_dtype):
+def transformers_twin(model):
     """transformers' Gemma3ForCausalLM (sdpa attention) holding the same weights as our model."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     hf = model.config.to_hf_dict()
@@ -96,7 +99,7 @@ def transformers_twin(model, torch_dtype):
     twin = Gemma3ForCausalLM(config)
     twin.load_state_dict({'model.' + k: v for k, v in model.state_dict().items()}, strict=False)
     twin.tie_weights()
-    return twin.to(torch_dtype)
+    return twin
 
 # -----------------------------------------------------------------------------
 # 1. training step: ours (no memory loss), ours + DINO, transformers
@@ -111,7 +114,7 @@ def train_step_worker(variant, T, settings, queue):
     sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
     ours = Gemma.from_pretrained(settings['init_from'])
     if variant == 'transformers':
-        model = transformers_twin(ours, torch.bfloat16 if use_bf16 else torch.float32).to(dev)
+        model = transformers_twin(ours).to(dev)
         del ours
     else:
         model = ours.to(dev)
@@ -127,7 +130,8 @@ def train_step_worker(variant, T, settings, queue):
     targets = torch.roll(idx, -1, dims=1)
     usable = torch.ones(B, T, dtype=torch.bool, device=dev)
     usable[:, 0] = False
-    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=use_bf16 and variant != 'transformers')
+    # bf16 as transformers' Trainer runs it with bf16=True: autocast over fp32 weights, for both models
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=use_bf16)
 
     def step():
         with autocast:
@@ -147,9 +151,10 @@ def train_step_worker(variant, T, settings, queue):
 
     step()  # allocates the optimizer state, so the peak below is the steady state of training
     reset_peak_memory(dev)
+    rest = peak_memory(dev)  # weights, optimizer state and what the allocator kept between steps
     seconds = timed(step, settings['repeats'], settings['warmup'], sync)
     queue.put({'variant': variant, 'block': T, 'step_s': seconds, 'tok_s': B * T / seconds,
-               'peak_bytes': peak_memory(dev)})
+               'rest_bytes': rest, 'peak_bytes': peak_memory(dev)})
 
 
 def run_worker(target, *args):
@@ -170,7 +175,7 @@ def bench_train(settings):
             rows.append(run_worker(train_step_worker, variant, T, settings))
             r = rows[-1]
             print(f"  train  block {T:5d}  {variant:12s}  {r['step_s']:7.2f} s/step  {r['tok_s']:8.0f} tok/s  "
-                  f"peak {r['peak_bytes'] / 2**30:6.2f} GiB", flush=True)
+                  f"peak {r['peak_bytes'] / 2**30:6.2f} GiB  (at rest {r['rest_bytes'] / 2**30:5.2f} GiB)", flush=True)
     return rows
 
 # -----------------------------------------------------------------------------
@@ -213,21 +218,24 @@ def bench_prep(settings):
     threads = settings['threads']
     tok = data.Tokenizer.from_source(settings['init_from'])
     texts = [text for _, text, in gutenberg_texts(settings)]
-    t0 = time.perf_counter()
-    n_raw = sum(len(ids) for ids in tok.encode_batch(texts, num_threads=threads))
-    raw_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
+    raw, cold, hit = [], [], []
+    for _ in range(settings['repeats']):  # interleaved, so drifts in machine speed hit both sides alike
         t0 = time.perf_counter()
-        folder = data.prepare(data_dir=tmp, num_threads=threads, max_docs=settings['prep_docs'], verbose=False)
-        cold_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        data.prepare(data_dir=tmp, num_threads=threads, max_docs=settings['prep_docs'], verbose=False)
-        hit_s = time.perf_counter() - t0
-        n_prep = sum(folder.num_tokens(split) for split in data.SPLITS)
+        n_raw = sum(len(ids) for ids in tok.encode_batch(texts, num_threads=threads))
+        raw.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            folder = data.prepare(data_dir=tmp, num_threads=threads, max_docs=settings['prep_docs'], verbose=False)
+            cold.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            data.prepare(data_dir=tmp, num_threads=threads, max_docs=settings['prep_docs'], verbose=False)
+            hit.append(time.perf_counter() - t0)
+            n_prep = sum(folder.num_tokens(split) for split in data.SPLITS)
+    raw_s, cold_s, hit_s = (statistics.median(t) for t in (raw, cold, hit))
     row = {'raw_tok_s': n_raw / raw_s, 'prep_tok_s': n_prep / cold_s, 'prep_ratio': (n_prep / cold_s) / (n_raw / raw_s),
            'cold_s': cold_s, 'hit_s': hit_s, 'cache_hit_fraction': hit_s / cold_s, 'threads': threads}
     print(f"  prep   raw SentencePiece {row['raw_tok_s']:9.0f} tok/s  data.py {row['prep_tok_s']:9.0f} tok/s  "
-          f"ratio {row['prep_ratio']:.2f}  cold {cold_s:.1f} s  cache hit {hit_s:.2f} s", flush=True)
+          f"ratio {row['prep_ratio']:.2f}  cold {cold_s:.2f} s  cache hit {hit_s:.3f} s", flush=True)
     return row
 
 
@@ -275,6 +283,8 @@ def ratios(train_rows, nihs_rows, prep_row):
         if variant == 'ours' and ('transformers', T) in by:
             out[f'step_ratio_{T}'] = r['step_s'] / by['transformers', T]['step_s']
             out[f'memory_ratio_{T}'] = r['peak_bytes'] / by['transformers', T]['peak_bytes']
+            hf = by['transformers', T]
+            out[f'step_memory_ratio_{T}'] = (r['peak_bytes'] - r['rest_bytes']) / (hf['peak_bytes'] - hf['rest_bytes'])
         if variant == 'ours+dino' and ('ours', T) in by:
             out[f'dino_overhead_{T}'] = r['step_s'] / by['ours', T]['step_s'] - 1
     overheads = [v for k, v in out.items() if k.startswith('dino_overhead_')]
@@ -323,13 +333,19 @@ def main():
     print(f"machine: {info}\nsettings: device={settings['device']} dtype={settings['dtype']} threads={settings['threads']}"
           f" repeats={settings['repeats']} warmup={settings['warmup']}\n", flush=True)
 
-    train_rows = bench_train(settings)
-    from model import Gemma
-    model = Gemma.from_pretrained(settings['init_from']).to(settings['device']).eval()
-    nihs_rows = bench_nihs(model, settings)
-    ppl_row = bench_perplexity(model, settings)
-    del model
-    prep_row = bench_prep(settings)
+    run = settings['benchmarks']
+    unknown = sorted(set(run) - {'train', 'nihs', 'perplexity', 'prep'})
+    if unknown:
+        raise ValueError(f"benchmarks={unknown} is unknown; choose from ['train', 'nihs', 'perplexity', 'prep']")
+    train_rows = bench_train(settings) if 'train' in run else []
+    nihs_rows, ppl_row, prep_row = [], None, None
+    if 'nihs' in run or 'perplexity' in run:
+        from model import Gemma
+        model = Gemma.from_pretrained(settings['init_from']).to(settings['device']).eval()
+        nihs_rows = bench_nihs(model, settings) if 'nihs' in run else []
+        ppl_row = bench_perplexity(model, settings) if 'perplexity' in run else None
+        del model
+    prep_row = bench_prep(settings) if 'prep' in run else None
 
     measured = ratios(train_rows, nihs_rows, prep_row)
     print('\nratios: ' + ', '.join(f'{k} {v:.3f}' for k, v in measured.items()))
