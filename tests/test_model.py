@@ -96,6 +96,35 @@ def test_chunked_loss_equals_full_loss_and_gradients(tmp_path):
     torch.testing.assert_close(gw, ew, atol=1e-6, rtol=0)
 
 
+def test_chunked_loss_under_bf16_autocast():
+    # bf16 logits take the fp32 scratch path: 300 rows make 2 chunks and several partial row blocks
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(500, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (300,))
+    targets[[0, 150, 299]] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(x, weight, targets, chunk=200)
+    gx, gw = torch.autograd.grad(loss, (x, weight))
+    logits = (x.bfloat16() @ weight.bfloat16().t()).float()  # bf16 matmul, fp32 softmax, as autocast runs it
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    ex, ew = torch.autograd.grad(expected, (x, weight))
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+    torch.testing.assert_close(gx, ex, atol=2e-2 * ex.abs().max().item(), rtol=0)
+    torch.testing.assert_close(gw, ew, atol=2e-2 * ew.abs().max().item(), rtol=0)
+
+
+def test_chunked_loss_backward_runs_once():
+    # backward hands its gradient buffers to autograd, so a retained graph cannot be reused
+    x = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    loss = chunked_cross_entropy(x, weight, torch.randint(0, 20, (6,)), chunk=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
 def test_model_loss_equals_unchunked_fp32(tmp_path):
     ref, folder = make_reference(tmp_path)
     model = Gemma.from_pretrained(folder)
