@@ -9,8 +9,8 @@ Speed and memory of this repo against transformers' Gemma 3, side by side in one
 Every figure is a median over `repeats` timed repetitions after `warmup` untimed ones. Each
 training-step variant runs in a fresh process, so its peak memory is its own: resident set size
 (VmHWM, reset after loading) on CPU, torch.cuda.max_memory_allocated on GPU; the memory in use
-when that step starts is reported too. `dtype` applies to the training step; NIHS and perplexity
-run in fp32. Goals print PASS or MISS; they are targets for this code, not assertions.
+when that step starts is reported too. `dtype` applies to the training step, and NIHS and
+perplexity run in fp32. Goals print PASS or MISS; they are targets for this code, not assertions.
 """
 
 import json

@@ -167,7 +167,7 @@ def test_text_stored_when_decode_lossy(tmp_path):
 
 
 def test_gemma_tokenizer_is_lossless(tok):
-    # prepare() skips the decode check on a lossless tokenizer; the edge cases above round-trip
+    # prepare() skips the decode check on a lossless tokenizer, and the edge cases above round-trip
     assert tok.lossless
 
 
