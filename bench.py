@@ -8,13 +8,14 @@ Speed and memory of this repo against transformers' Gemma 3, side by side in one
 
 Every figure is a median over `repeats` timed repetitions after `warmup` untimed ones. Each
 training-step variant runs in a fresh process, so its peak memory is its own: resident set size
-(VmHWM, reset after loading) on CPU, torch.cuda.max_memory_allocated on GPU; the memory in use
-when that step starts is reported too. `dtype` applies to the training step, and NIHS and
-perplexity run in fp32. Goals print PASS or MISS; they are targets for this code, not assertions.
+(VmHWM, reset after the step that allocates the AdamW state) on CPU, torch.cuda.max_memory_allocated on GPU; the memory in use
+right after that step is reported too. `dtype` applies to the training step, and NIHS and
+perplexity run in fp32. Goals print PASS or MISS. They are targets for this code, not assertions.
 """
 
 import json
 import multiprocessing as mp
+import queue as queue_module
 import os
 import statistics
 import sys
@@ -29,8 +30,8 @@ from configurator import configure, exit_on_error
 # -----------------------------------------------------------------------------
 # settings
 
-quick = False                 # reduced sizes and repetitions for the smoke test
-benchmarks = ['train', 'nihs', 'perplexity', 'prep']  # sections to run, in this order
+quick = False                 # smoke test: overrides blocks, repeats, warmup, nihs_lengths, ppl_tokens
+benchmarks = ['train', 'nihs', 'perplexity', 'prep']  # sections to run (always in this order)
 init_from = 'gemma3-270m-gguf'  # weights for every measurement
 device = 'cpu'                # cpu | cuda
 dtype = 'float32'             # float32 | bfloat16 (autocast over fp32 weights, for both models)
@@ -52,7 +53,7 @@ GOALS = {  # name: (metric, comparison, threshold)
     'NIHS cached vs 4 full forwards (length 2048)': ('nihs_speedup_2048', '>=', 3.0),
     'prep throughput vs raw SentencePiece': ('prep_ratio', '>=', 0.8),
     'cache hit vs cold prep time': ('cache_hit_fraction', '<=', 0.02),
-    'DINO overhead on step time': ('dino_overhead', '<=', 0.15),
+    'DINO overhead on step time (largest over blocks)': ('dino_overhead', '<=', 0.15),
 }
 
 # -----------------------------------------------------------------------------
@@ -108,11 +109,13 @@ def transformers_twin(model):
 def train_step_worker(variant, T, settings, queue):
     """Measure one variant in this (fresh) process and put its figures on the queue."""
     from model import Gemma, MemoryLoss
+    from train import peak_flops
     torch.manual_seed(0)
     torch.set_num_threads(settings['threads'])
     dev, use_bf16 = settings['device'], settings['dtype'] == 'bfloat16'
     sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
     ours = Gemma.from_pretrained(settings['init_from'])
+    ours_flops_per_token = ours.flops_per_token(T)
     if variant == 'transformers':
         model = transformers_twin(ours).to(dev)
         del ours
@@ -151,10 +154,18 @@ def train_step_worker(variant, T, settings, queue):
 
     step()  # allocates the optimizer state, so the peak below is the steady state of training
     reset_peak_memory(dev)
-    rest = peak_memory(dev)  # weights, optimizer state and what the allocator kept between steps
+    rest = peak_memory(dev)  # weights, optimizer state and what the allocator kept from that step
     seconds = timed(step, settings['repeats'], settings['warmup'], sync)
-    queue.put({'variant': variant, 'block': T, 'step_s': seconds, 'tok_s': B * T / seconds,
-               'rest_bytes': rest, 'peak_bytes': peak_memory(dev)})
+    row = {'variant': variant, 'block': T, 'step_s': seconds, 'tok_s': B * T / seconds,
+           'rest_bytes': rest, 'peak_bytes': peak_memory(dev)}
+    flops, _ = peak_flops(torch.device(dev))
+    if flops:  # NOTE: not yet run on a GPU. Both models get one FLOP count because they do the same work.
+        row['mfu'] = ours_flops_per_token * row['tok_s'] / flops
+    queue.put(row)
+
+
+class WorkerError(RuntimeError):
+    """A measurement process exited without reporting (its own traceback is printed before this)."""
 
 
 def run_worker(target, *args):
@@ -163,7 +174,14 @@ def run_worker(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise WorkerError(f"the {args[0]} worker exited with code {proc.exitcode} before reporting; "
+                                   f"its traceback is printed above") from None
     proc.join()
     return result
 
@@ -174,8 +192,10 @@ def bench_train(settings):
         for variant in ('ours', 'ours+dino', 'transformers'):
             rows.append(run_worker(train_step_worker, variant, T, settings))
             r = rows[-1]
+            mfu = f"  MFU {100 * r['mfu']:.1f}%" if 'mfu' in r else ''
             print(f"  train  block {T:5d}  {variant:12s}  {r['step_s']:7.2f} s/step  {r['tok_s']:8.0f} tok/s  "
-                  f"peak {r['peak_bytes'] / 2**30:6.2f} GiB  (at rest {r['rest_bytes'] / 2**30:5.2f} GiB)", flush=True)
+                  f"peak {r['peak_bytes'] / 2**30:6.2f} GiB  (at rest {r['rest_bytes'] / 2**30:5.2f} GiB){mfu}",
+                  flush=True)
     return rows
 
 # -----------------------------------------------------------------------------
@@ -298,7 +318,10 @@ def ratios(train_rows, nihs_rows, prep_row):
     return out
 
 
-def print_goals(measured):
+def print_goals(measured, quick):
+    if quick:
+        print('\ngoals: not judged in a --quick run (reduced sizes, one repetition)')
+        return
     print('\ngoals')
     for name, (metric, op, threshold) in GOALS.items():
         if metric not in measured:
@@ -319,24 +342,40 @@ def machine():
     return info
 
 
+def check_settings(settings):
+    """Raise ValueError on settings that would fail or mislead only after minutes of measuring."""
+    if settings['device'] == 'cuda' and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use --device=cpu")
+    if settings['dtype'] not in ('float32', 'bfloat16'):
+        raise ValueError(f"dtype={settings['dtype']!r} is invalid; use float32 or bfloat16 (float16 overflows Gemma 3)")
+    sections = ['train', 'nihs', 'perplexity', 'prep']
+    unknown = sorted(set(settings['benchmarks']) - set(sections))
+    if unknown:
+        raise ValueError(f"benchmarks={unknown} is unknown; choose from {sections}")
+    if not settings['benchmarks']:
+        raise ValueError(f"benchmarks=[] runs nothing; choose from {sections}")
+    if settings['repeats'] < 1 or settings['warmup'] < 0:
+        raise ValueError(f"repeats={settings['repeats']}, warmup={settings['warmup']} is invalid; "
+                         f"use repeats >= 1 and warmup >= 0")
+    if not settings['blocks'] or min(settings['blocks']) < 2:
+        raise ValueError(f"blocks={settings['blocks']} is invalid; give window lengths of at least 2 tokens")
+    folder = Path(settings['out']).resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"out={settings['out']!r}: folder {folder} not found; create it or pick another path")
+
+
 def main():
     settings = configure(globals(), sys.argv[1:])
     if settings['quick']:
         settings.update(blocks=[128], repeats=1, warmup=0, nihs_lengths=[256], ppl_tokens=512)
     settings['threads'] = torch.get_num_threads()
     settings['prep_docs'] = 4 if settings['quick'] else None
-    if settings['device'] == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is visible; use --device=cpu")
-    if settings['dtype'] not in ('float32', 'bfloat16'):
-        raise ValueError(f"dtype={settings['dtype']!r} is invalid; use float32 or bfloat16 (float16 overflows Gemma 3)")
+    check_settings(settings)
     info = machine()
     print(f"machine: {info}\nsettings: device={settings['device']} dtype={settings['dtype']} threads={settings['threads']}"
           f" repeats={settings['repeats']} warmup={settings['warmup']}\n", flush=True)
 
     run = settings['benchmarks']
-    unknown = sorted(set(run) - {'train', 'nihs', 'perplexity', 'prep'})
-    if unknown:
-        raise ValueError(f"benchmarks={unknown} is unknown; choose from ['train', 'nihs', 'perplexity', 'prep']")
     train_rows = bench_train(settings) if 'train' in run else []
     nihs_rows, ppl_row, prep_row = [], None, None
     if 'nihs' in run or 'perplexity' in run:
@@ -349,7 +388,7 @@ def main():
 
     measured = ratios(train_rows, nihs_rows, prep_row)
     print('\nratios: ' + ', '.join(f'{k} {v:.3f}' for k, v in measured.items()))
-    print_goals(measured)
+    print_goals(measured, settings['quick'])
     report = {'machine': info, 'settings': {k: v for k, v in settings.items()}, 'train': train_rows,
               'nihs': nihs_rows, 'perplexity': ppl_row, 'prep': prep_row, 'ratios': measured}
     tmp = Path(settings['out']).with_suffix('.tmp')
@@ -359,5 +398,5 @@ def main():
 
 
 if __name__ == '__main__':
-    with exit_on_error(ValueError, FileNotFoundError):
+    with exit_on_error(ValueError, FileNotFoundError, WorkerError):
         main()

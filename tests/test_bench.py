@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -22,7 +24,7 @@ def test_bench_quick_reports_all_sections(tmp_path):
     for name in ("step_ratio_128", "memory_ratio_128", "step_memory_ratio_128", "dino_overhead", "nihs_speedup_256",
                  "prep_ratio"):
         assert name in report["ratios"], name
-    assert "goals" in result.stdout
+    assert "goals: not judged in a --quick run" in result.stdout
 
 
 def test_bench_runs_only_the_chosen_sections(tmp_path):
@@ -42,3 +44,25 @@ def test_bench_rejects_unknown_section():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "benchmarks=['speed'] is unknown" in result.stderr
+
+
+def test_bench_reports_failed_worker(tmp_path):
+    # a worker that dies before reporting must stop the run, not leave the parent waiting on its queue
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--benchmarks=['train']",
+                             f"--init_from={tmp_path / 'missing.gguf'}", f"--out={tmp_path / 'bench.json'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "worker exited with code 1 before reporting" in result.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--repeats=0", "repeats=0, warmup=1 is invalid"),
+    ("--benchmarks=[]", "benchmarks=[] runs nothing"),
+    ("--blocks=[1]", "blocks=[1] is invalid"),
+    ("--out=/nonexistent-folder/bench.json", "folder /nonexistent-folder not found"),
+])
+def test_bench_rejects_bad_settings(arg, message):
+    result = subprocess.run([sys.executable, "bench.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
