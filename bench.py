@@ -7,9 +7,9 @@ Speed and memory of this repo against transformers' Gemma 3, side by side in one
     python bench.py --device=cuda --dtype=bfloat16 --blocks=2048 --batch_size=8
 
 Every figure is a median over `repeats` timed repetitions after `warmup` untimed ones. Each
-training-step variant runs in a fresh process, so its peak memory is its own: resident set size
-(VmHWM, reset after the step that allocates the AdamW state) on CPU, torch.cuda.max_memory_allocated on GPU; the memory in use
-right after that step is reported too. `dtype` applies to the training step, and NIHS and
+training-step variant runs in a fresh process, so its peak memory is its own. That is the resident
+set size on CPU (VmHWM, reset after the step that allocates the AdamW state) and
+torch.cuda.max_memory_allocated on GPU. The memory in use right after that step is reported too. `dtype` applies to the training step, and NIHS and
 perplexity run in fp32. Goals print PASS or MISS. They are targets for this code, not assertions.
 """
 
