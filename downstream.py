@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from configurator import configure, exit_on_error
 from model import GGUF_ALIAS
-from perplexity import default_output, evaluate_perplexity, load_model, pick_device, pick_dtype, write_json
+from perplexity import default_output, evaluate_perplexity, setup_model, write_json
 
 # -----------------------------------------------------------------------------
 # settings: `python downstream.py --key=value` overrides any of these (see configurator.py)
@@ -297,12 +297,7 @@ if __name__ == '__main__':
                 raise ValueError(f"{key}={config[key]} is invalid: expected an int >= 0")
 
         # setup
-        device = pick_device(device)
-        torch_dtype, reason = pick_dtype(dtype, device)
-        print(f"device {device}, dtype {str(torch_dtype).removeprefix('torch.')} ({reason})")
-        t0 = time.time()
-        model, tokenizer, info = load_model(ckpt, init_from, device, torch_dtype)
-        print(f"loaded {info['source']} ({model.num_params() / 1e6:.1f}M parameters) in {time.time() - t0:.1f} s")
+        model, tokenizer, info = setup_model(ckpt, init_from, device, dtype)
         lm = GemmaLM(model, tokenizer, batch_size=batch_size, max_length=max_length or None)
 
         # the work
@@ -314,7 +309,7 @@ if __name__ == '__main__':
         print_table(report, f"{info['source']}: {num_fewshot}-shot, lm-eval {report['lm_eval_version']}, "
                             f"{seconds:.0f} s")
         result = {'model': info['source'], 'lm_eval_version': report['lm_eval_version'], 'tasks': report['tasks'],
-                  'dtype': str(torch_dtype).removeprefix('torch.'), 'seconds': round(seconds, 2), 'config': config}
+                  'dtype': info['dtype'], 'seconds': round(seconds, 2), 'config': config}
         out_json = out_json or default_output(info, 'downstream')
         write_json(out_json, result)
         print(f"wrote {out_json}")

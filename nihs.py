@@ -56,6 +56,7 @@ from tqdm import tqdm
 import model as model_py
 from configurator import configure, exit_on_error
 from model import GGUF_ALIAS, Gemma, check_dtype
+from perplexity import pick_device
 
 # -----------------------------------------------------------------------------
 # settings: `python nihs.py --key=value` overrides any of these (see configurator.py)
@@ -930,7 +931,7 @@ def load_model(settings):
     if torch_dtype is None:
         raise ValueError(f"unknown dtype {settings['dtype']!r}; use --dtype=float32 or --dtype=bfloat16")
     check_dtype(torch_dtype)  # names the reason float16 is refused
-    device = pick_device(settings['device'])
+    device = torch.device(pick_device(settings['device']))
     if settings['ckpt']:
         model, checkpoint = load_checkpoint(settings['ckpt'])
         train_config = checkpoint.get('config') or {}
@@ -948,14 +949,6 @@ def load_model(settings):
     identity.update({'num_params': model.num_params(), 'dtype': str(torch_dtype).removeprefix('torch.'),
                      'device': str(device), 'config': model.config.to_dict()})
     return model, identity, train_config
-
-
-def pick_device(name):
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if str(name).startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device=cpu")
-    return torch.device(name)
 
 
 def tokenizer_source(settings, train_config):

@@ -279,6 +279,20 @@ def load_model(ckpt='', init_from=GGUF_ALIAS, device='cpu', dtype=torch.float32)
                          f"has vocab_size={model.config.vocab_size}; pass the weights source the model was trained from")
     return model.to(device).eval().requires_grad_(False), tokenizer, info
 
+
+def setup_model(ckpt, init_from, device, dtype):
+    """Resolve the --device and --dtype settings, load the model, and print both steps.
+
+    Return (model, tokenizer, info) as load_model does, with info['dtype'] set to the dtype's name.
+    """
+    device = pick_device(device)
+    torch_dtype, reason = pick_dtype(dtype, device)
+    print(f"device {device}, dtype {str(torch_dtype).removeprefix('torch.')} ({reason})")
+    t0 = time.time()
+    model, tokenizer, info = load_model(ckpt, init_from, device, torch_dtype)
+    print(f"loaded {info['source']} ({model.num_params() / 1e6:.1f}M parameters) in {time.time() - t0:.1f} s")
+    return model, tokenizer, {**info, 'dtype': str(torch_dtype).removeprefix('torch.')}
+
 # -----------------------------------------------------------------------------
 # the stage: documents of a data.py split
 
@@ -343,12 +357,7 @@ if __name__ == '__main__':
                                  f"{'' if key == 'batch_size' else ', or 0 for the default'}")
 
         # setup: model, tokenizer and the prepared split
-        device = pick_device(device)
-        torch_dtype, reason = pick_dtype(dtype, device)
-        print(f"device {device}, dtype {str(torch_dtype).removeprefix('torch.')} ({reason})")
-        t0 = time.time()
-        model, tokenizer, info = load_model(ckpt, init_from, device, torch_dtype)
-        print(f"loaded {info['source']} ({model.num_params() / 1e6:.1f}M parameters) in {time.time() - t0:.1f} s")
+        model, tokenizer, info = setup_model(ckpt, init_from, device, dtype)
         window = window or info['block_size'] or DEFAULT_WINDOW
         check_window(window, model.config.max_position_embeddings)
         stride = stride or max(1, window // 2)
@@ -371,7 +380,7 @@ if __name__ == '__main__':
                   f"{result['tokens'] / seconds:,.0f} tokens/s")
         print_table(result, header)
         result = {'model': info['source'], 'dataset': str(dataset), 'split': split, 'data_folder': str(data.path),
-                  'dtype': str(torch_dtype).removeprefix('torch.'), 'seconds': round(seconds, 2),
+                  'dtype': info['dtype'], 'seconds': round(seconds, 2),
                   'config': config, **result}
         out_json = out_json or default_output(info, f"perplexity-{dataset_label(dataset)}-{split}")
         write_json(out_json, result)
