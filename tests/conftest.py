@@ -56,3 +56,12 @@ def small_data(tmp_path_factory):
     prepared = data.prepare(tokenizer=str(root / 'tokenizer'), data_dir=str(root / 'data'), verbose=False)
     assert prepared.vocab_size == 1024
     return [f"--tokenizer={root / 'tokenizer'}", f"--data_dir={root / 'data'}"]
+
+
+def read_log(out_dir):
+    """Return {iter: {key: value}} from train.py's log.txt (a later line for the same iter and key wins)."""
+    values = {}
+    for line in (Path(out_dir) / 'log.txt').read_text().splitlines():
+        it, key, value = line.split(' ')
+        values.setdefault(int(it), {})[key] = float(value)
+    return values

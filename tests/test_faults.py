@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import data
+from conftest import read_log
 from model import Gemma, GemmaConfig, gemma3_layer_types, list_checkpoints, newest_checkpoint
 from train import FAULT_TEST_ENV, NAN_TEST_ENV
 
@@ -102,15 +103,6 @@ def assert_bitwise_equal(a, b, where):
 
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_log(out_dir):
-    """Return {iter: {key: value}} from log.txt; a later line for the same iter and key wins."""
-    values = {}
-    for line in (Path(out_dir) / 'log.txt').read_text().splitlines():
-        it, key, value = line.split(' ')
-        values.setdefault(int(it), {})[key] = float(value)
-    return values
 
 
 def snapshot(*folders):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from conftest import read_log
 from configurator import ConfigError, configure
 from model import (Gemma, GemmaConfig, MemoryLoss, gemma3_layer_types, list_checkpoints, load_checkpoint,
                    newest_checkpoint, save_checkpoint)
@@ -61,15 +62,6 @@ def run_train(args, small_data, out_dir, nproc=0, env=None, expect_rc=0, config=
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=run_env)
     assert result.returncode == expect_rc, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
-
-
-def read_log(out_dir):
-    """Return {iter: {key: value}} from log.txt (a later line for the same iter and key wins)."""
-    values = {}
-    for line in (Path(out_dir) / 'log.txt').read_text().splitlines():
-        it, key, value = line.split(' ')
-        values.setdefault(int(it), {})[key] = float(value)
-    return values
 
 
 def load(path):
