@@ -346,6 +346,33 @@ class KVCache:
 # Chunked cross-entropy: the 262,144-way LM head without the full logits matrix
 
 
+SOFTMAX_ROWS = 128  # rows of fp32 softmax per pass over bf16 logits (a 128 MiB buffer at 262,144 classes)
+
+
+def softmax_loss_(logits, targets, valid, n_valid, scratch, want_grad):
+    """Return the summed cross-entropy of the valid rows of `logits` (rows, vocab) against targets (rows, 1).
+
+    With want_grad, overwrite `logits` with d(mean loss)/d(logits) = (softmax - onehot) / n_valid on
+    valid rows and 0 elsewhere. The math runs in fp32 or fp64. fp32 logits are used in place, and
+    others are copied SOFTMAX_ROWS rows at a time into `scratch` and back. torch's mixed-dtype element-wise
+    kernels are slower on CPU than a separate cast, so the casts stay separate copies.
+    """
+    loss_sum = 0.0
+    for r in range(0, logits.shape[0], SOFTMAX_ROWS):
+        rows, t, v = logits[r:r + SOFTMAX_ROWS], targets[r:r + SOFTMAX_ROWS], valid[r:r + SOFTMAX_ROWS]
+        block = rows if scratch is None else scratch[:len(rows)].copy_(rows)
+        target_logit = block.gather(1, t)
+        top = block.amax(dim=-1, keepdim=True)
+        total = block.sub_(top).exp_().sum(dim=-1, keepdim=True)          # block is the unnormalized softmax
+        loss_sum = loss_sum + ((top + total.log() - target_logit).squeeze(1) * v).sum()
+        if want_grad:
+            inv_n = v[:, None].to(block.dtype) / n_valid
+            block.mul_(inv_n / total).scatter_add_(1, t, -inv_n)
+            if scratch is not None:
+                rows.copy_(block)
+    return loss_sum
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of x @ weight.T against targets, computed `chunk` rows at a time.
 
@@ -369,8 +396,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=acc_dtype, device=x.device)
         grad_x = torch.zeros_like(x) if needs_x_grad else None
         grad_w = None  # (vocab, C) in acc_dtype, created by the first chunk's matmul
-        # fp32 rows for the softmax of low-precision logits: one reused buffer instead of a fresh
-        # (chunk, vocab) fp32 copy per chunk, whose page faults and casts dominated a bf16 step on CPU
+        # fp32 rows for the softmax of low-precision logits. One reused buffer replaces a fresh (chunk, vocab)
+        # fp32 copy per chunk, whose page faults and casts dominated a bf16 step on CPU.
         scratch = None if compute_dtype == acc_dtype else \
             torch.empty(min(SOFTMAX_ROWS, x.shape[0]), weight.shape[0], dtype=acc_dtype, device=x.device)
 
@@ -413,33 +440,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x = grad_x.mul_(grad_loss) if grad_x is not None else None
         grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_x, grad_w, None, None, None, None
-
-
-SOFTMAX_ROWS = 128  # rows of fp32 softmax per pass over bf16 logits: a 128 MiB buffer at 262,144 classes
-
-
-def softmax_loss_(logits, targets, valid, n_valid, scratch, want_grad):
-    """Return the summed cross-entropy of the valid rows of `logits` (rows, vocab) against targets (rows, 1).
-
-    With want_grad, overwrite `logits` with d(mean loss)/d(logits) = (softmax - onehot) / n_valid on
-    valid rows and 0 elsewhere. The math runs in fp32 or fp64. fp32 logits are used in place; others
-    are copied SOFTMAX_ROWS rows at a time into `scratch` and back. torch's mixed-dtype element-wise
-    kernels are slower on CPU than a separate cast, so the casts stay separate copies.
-    """
-    loss_sum = 0.0
-    for r in range(0, logits.shape[0], SOFTMAX_ROWS):
-        rows, t, v = logits[r:r + SOFTMAX_ROWS], targets[r:r + SOFTMAX_ROWS], valid[r:r + SOFTMAX_ROWS]
-        block = rows if scratch is None else scratch[:len(rows)].copy_(rows)
-        target_logit = block.gather(1, t)
-        top = block.amax(dim=-1, keepdim=True)
-        total = block.sub_(top).exp_().sum(dim=-1, keepdim=True)          # block is the unnormalized softmax
-        loss_sum = loss_sum + ((top + total.log() - target_logit).squeeze(1) * v).sum()
-        if want_grad:
-            inv_n = v[:, None].to(block.dtype) / n_valid
-            block.mul_(inv_n / total).scatter_add_(1, t, -inv_n)
-            if scratch is not None:
-                rows.copy_(block)
-    return loss_sum
 
 
 def chunked_cross_entropy(x, weight, targets, chunk=1024):
